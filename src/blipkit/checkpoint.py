@@ -1,0 +1,177 @@
+"""Finding, reading and writing checkpoints in the Hugging Face Hub layout, strictly.
+
+A checkpoint is a directory with `config.json` and weights (`model.safetensors`, sharded safetensors with an
+index, or `pytorch_model.bin`), plus tokenizer files and optionally `preprocessor_config.json`. Loading builds
+the model without allocating weights (meta device) and then assigns each tensor as it is read from the
+memory-mapped file, converted to the target dtype, so peak memory is about one copy of the weights.
+Every checkpoint tensor must be used, every parameter filled, every shape equal; errors name the key and file.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .errors import CheckpointError
+
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+# Buffers older checkpoints stored that blipkit derives instead.
+DERIVED_SUFFIXES = (".position_ids",)
+
+
+def read_config(directory: Path) -> dict:
+    """The checkpoint's `config.json` as a dict (CheckpointError naming the file when absent or invalid)."""
+    path = directory / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{directory}: no config.json; a checkpoint directory needs config.json and weights")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+
+def _weight_files(directory: Path) -> list[Path]:
+    for name in WEIGHT_FILES:
+        path = directory / name
+        if path.is_file():
+            if name.endswith(".index.json"):
+                index = json.loads(path.read_text())
+                return sorted({directory / f for f in index["weight_map"].values()})
+            return [path]
+    raise CheckpointError(f"{directory}: no weights found (looked for {', '.join(WEIGHT_FILES)})")
+
+
+def iter_tensors(directory: Path) -> Iterator[tuple[str, Tensor, Path]]:
+    """Yield (key, tensor, file) for every tensor of the checkpoint, reading lazily from memory-mapped files."""
+    for path in _weight_files(directory):
+        if not path.is_file():
+            raise CheckpointError(f"{path}: listed in the weight index but missing")
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    for key in f.keys():
+                        yield key, f.get_tensor(key), path
+            except (OSError, RuntimeError) as e:  # safetensors raises SafetensorError (a RuntimeError subclass)
+                raise CheckpointError(f"{path}: cannot read safetensors file ({e})") from None
+        else:
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:  # noqa: BLE001 - torch raises many kinds here; all mean "unreadable"
+                raise CheckpointError(f"{path}: cannot read PyTorch weights ({e})") from None
+            yield from ((k, v, path) for k, v in state.items())
+
+
+def _set(model: nn.Module, name: str, value: nn.Parameter) -> None:
+    module_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(module_name) if module_name else model, attr, value)
+
+
+def load_weights(
+    model: nn.Module,
+    directory: Path,
+    dtype: torch.dtype | None,
+    device: torch.device | str | None,
+    keep_float32: Callable[[str], bool] = lambda name: False,
+) -> None:
+    """Fill `model`'s parameters (possibly on the meta device) from `directory`, strictly.
+
+    Tied parameters (one tensor under several names) are filled once from whichever name the file has.
+    `keep_float32(name)` marks parameters that stay in float32 whatever `dtype` is.
+    """
+    aliases: dict[int, list[str]] = {}
+    params: dict[str, nn.Parameter] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), []).append(name)
+        params[name] = p
+    filled: set[int] = set()
+    for key, tensor, path in iter_tensors(directory):
+        if key not in params:
+            if key.endswith(DERIVED_SUFFIXES):
+                continue
+            raise CheckpointError(
+                f"{path}: unexpected key '{key}' — the checkpoint has a tensor this {type(model).__name__} "
+                f"does not (wrong architecture or config.json?)"
+            )
+        p = params[key]
+        if tuple(tensor.shape) != tuple(p.shape):
+            raise CheckpointError(
+                f"{path}: shape mismatch for '{key}': checkpoint {tuple(tensor.shape)}, model {tuple(p.shape)}"
+            )
+        if id(p) in filled:
+            continue
+        target = (
+            torch.float32 if keep_float32(key) else (dtype or (tensor.dtype if tensor.is_floating_point() else None))
+        )
+        if tensor.is_floating_point() and target is not None:
+            tensor = tensor.to(target)
+        new = nn.Parameter(tensor.to(device) if device is not None else tensor, requires_grad=p.requires_grad)
+        for name in aliases[id(p)]:
+            _set(model, name, new)
+        filled.add(id(p))
+    missing = [names[0] for pid, names in aliases.items() if pid not in filled]
+    if missing:
+        shown = ", ".join(f"'{m}'" for m in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise CheckpointError(f"{directory}: missing {len(missing)} tensor(s) the model needs: {shown}")
+
+
+def state_dict_for_saving(model: nn.Module) -> dict[str, Tensor]:
+    """Parameters under their first (canonical) name only; tied aliases are left for the loader to re-tie."""
+    out, seen = {}, set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) not in seen:
+            seen.add(id(p))
+            out[name] = p.detach().contiguous().cpu()
+    return out
+
+
+def save_weights(model: nn.Module, directory: Path) -> None:
+    """Write `model.safetensors` (tied tensors once, under their canonical names)."""
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(state_dict_for_saving(model), str(directory / "model.safetensors"), metadata={"format": "pt"})
+
+
+def resolve(name_or_path: str | Path, shipped: dict[str, Path], presets: dict[str, str]) -> Path:
+    """A shipped model name, local directory, preset name or Hub repo id -> local checkpoint directory."""
+    key = str(name_or_path)
+    if key in shipped:
+        return shipped[key]
+    path = Path(key).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise CheckpointError(f"{path}: is a file; pass the checkpoint directory that holds config.json")
+    repo = presets.get(key, key)
+    if repo.count("/") != 1 or key.startswith((".", "/", "~")):
+        known = ", ".join(sorted(shipped) + sorted(presets))
+        raise CheckpointError(f"'{key}': no such directory, and not a model name ({known}) or Hub repo id (org/name)")
+    return _download(repo)
+
+
+def _download(repo: str) -> Path:
+    """Fetch a Hub repo's config, tokenizer and weights into the cache (safetensors preferred)."""
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "*.txt", "*.model"]
+    try:
+        path = Path(snapshot_download(repo, allow_patterns=patterns))
+        if not any((path / f).is_file() for f in WEIGHT_FILES):  # older repos ship only pytorch_model.bin
+            path = Path(snapshot_download(repo, allow_patterns=patterns + ["pytorch_model*.bin"]))
+        return path
+    except Exception as e:  # noqa: BLE001 - any hub failure means "not available here"
+        raise CheckpointError(
+            f"cannot fetch '{repo}' from the Hugging Face Hub ({type(e).__name__}: {e}). When offline, download it "
+            f"elsewhere (huggingface-cli download {repo} --local-dir DIR) and pass the directory: blipkit.load('DIR')."
+        ) from None

@@ -1,0 +1,1 @@
+"""Datasets: synthetic captioned scenes (`blipkit.data.scenes`) for offline training and evaluation."""

@@ -1,0 +1,79 @@
+"""Small blocks shared by every tower: attention through SDPA (with an eager path that keeps the weights), masks."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def activation(name: str) -> nn.Module:
+    """The activation module named in a Hugging Face config (`hidden_act`)."""
+    table = {
+        "gelu": nn.GELU,
+        "gelu_new": lambda: nn.GELU(approximate="tanh"),
+        "gelu_pytorch_tanh": lambda: nn.GELU(approximate="tanh"),
+        "relu": nn.ReLU,
+        "quick_gelu": QuickGELU,
+    }
+    if name not in table:
+        raise ValueError(f"unsupported activation '{name}' (known: {sorted(table)})")
+    return table[name]()
+
+
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x), as in CLIP."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+def split_heads(x: Tensor, heads: int) -> Tensor:
+    """(B, T, H) -> (B, nh, T, hs)."""
+    B, T, H = x.shape
+    return x.view(B, T, heads, H // heads).transpose(1, 2)
+
+
+def merge_heads(x: Tensor) -> Tensor:
+    """(B, nh, T, hs) -> (B, T, H)."""
+    B, nh, T, hs = x.shape
+    return x.transpose(1, 2).reshape(B, T, nh * hs)
+
+
+def attend(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout: float = 0.0, keep: nn.Module | None = None
+) -> Tensor:
+    """Scaled dot-product attention over (B, nh, T, hs) tensors with an additive float mask.
+
+    When `keep` is a module with `keep_attention = True`, the eager path runs instead of SDPA and the attention
+    probabilities (B, nh, Tq, Tk) are stored on it as `keep.attention_probs` (gradients retained when they flow):
+    this is what attention maps and GradCAM read. The numbers are the same either way.
+    """
+    if keep is not None and getattr(keep, "keep_attention", False):
+        scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # (B, nh, Tq, Tk)
+        if mask is not None:
+            scores = scores + mask
+        probs = scores.softmax(dim=-1)
+        if probs.requires_grad:
+            probs.retain_grad()
+        keep.attention_probs = probs
+        return F.dropout(probs, dropout, keep.training) @ v
+    if k.shape[0] != q.shape[0]:  # keys/values shared across the batch (one image, many texts)
+        k, v = k.expand(q.shape[0], -1, -1, -1), v.expand(q.shape[0], -1, -1, -1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+
+
+def padding_mask(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """(B, Tk) 1/0 mask -> additive (B, 1, 1, Tk) mask; None stays None (attend everywhere)."""
+    if mask is None:
+        return None
+    return (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+
+
+def causal_mask(mask: Tensor, past: int, dtype: torch.dtype) -> Tensor:
+    """Additive (B, 1, Tq, Tk) mask for Tq new tokens after `past` cached ones; `mask` is (B, Tk) 1/0 over all keys."""
+    B, Tk = mask.shape
+    Tq = Tk - past
+    rows = torch.arange(past, Tk, device=mask.device)[:, None]  # absolute position of each query
+    allowed = (torch.arange(Tk, device=mask.device)[None, :] <= rows)[None, None] & mask[:, None, None, :].bool()
+    return torch.zeros(B, 1, Tq, Tk, dtype=dtype, device=mask.device).masked_fill(~allowed, torch.finfo(dtype).min)
