@@ -1,0 +1,64 @@
+"""The `blipkit` command line: subcommands are contributed by the task and training packages.
+
+Each module in `COMMAND_MODULES` has `add_commands(subparsers, common)` which adds its subcommands with
+`parents=[common]` and sets `func(args) -> int` on each. Errors blipkit raises on purpose become one line on
+stderr and exit status 2; nothing else is caught, so real bugs still show their traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .errors import BlipkitError
+
+COMMAND_MODULES = ("blipkit.tasks.commands", "blipkit.train.commands")
+DEFAULT_MODEL = "scenes-blip"
+
+
+def common_parser() -> argparse.ArgumentParser:
+    """Flags every subcommand takes."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--model", default=DEFAULT_MODEL, help=f"model name, directory or Hub id (default: {DEFAULT_MODEL})")
+    common.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps ... (default: cpu)")
+    common.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="weights dtype")
+    common.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser with every available subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="blipkit",
+        description="BLIP and BLIP-2: match, classify, caption, answer, ground, attention maps, train, evaluate.",
+        epilog="Run `blipkit COMMAND --help` for each command's options and examples.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common = common_parser()
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name == name:  # that part of blipkit is not installed
+                continue
+            raise
+        module.add_commands(sub, common)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `blipkit` command."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except BlipkitError as e:
+        print(f"blipkit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"blipkit {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
