@@ -163,8 +163,8 @@ def test_opt_step_state_survives_beam_reorder(opt_pair):
     order = torch.tensor([1, 1, 3, 2])  # beams swap and duplicate, as beam search does
     tok = torch.randint(3, 97, (4, 1))
     logits, _ = step(tok, reorder(state, order))
-    # recompute from scratch: the reordered rows are the original prompts with the new token appended
-    src = torch.tensor([0, 0, 1, 1])
+    # recompute from scratch: each reordered row is its source prompt with the new token appended
+    src = order // 2
     fresh = ours.make_step(mask[src])
     _, s = fresh(ids[src], None)
     expect, _ = fresh(tok, s)
@@ -203,7 +203,8 @@ def t5_pair(request, tmp_path):
         assert ours.lm_head.weight is ours.shared.weight and ours.config.scale_decoder_outputs
         return hf, ours
     hf = tiny_t5(feed_forward_proj="gated-gelu", tie_word_embeddings=False)
-    hf.lm_head.weight = torch.nn.Parameter(torch.randn_like(hf.lm_head.weight) * T5_INIT)  # Flan-T5's head is not `shared`
+    # Flan-T5's head is its own tensor, not `shared`
+    hf.lm_head.weight = torch.nn.Parameter(torch.randn_like(hf.lm_head.weight) * T5_INIT)
     edit = {"tie_word_embeddings": False} if request.param == "flan_hub_config" else None
     ours = save_and_load(hf, tmp_path, T5ForConditionalGeneration, T5Config, edit)
     assert ours.lm_head.weight is not ours.shared.weight and not ours.config.scale_decoder_outputs
@@ -236,8 +237,10 @@ def test_t5_encoder_decoder_and_loss_match(t5_pair):
     embeds = torch.cat([torch.randn(3, 4, 32), embeds], dim=1)
     mask = torch.cat([torch.ones(3, 4, dtype=torch.long), mask], dim=1)
     dec = ours.shift_right(labels)
-    ref = hf(inputs_embeds=embeds, attention_mask=mask, decoder_input_ids=dec).logits
-    assert max_diff(ours(inputs_embeds=embeds, attention_mask=mask, decoder_input_ids=dec)[0], ref) <= TOL
+    dec_mask = (labels != -100).long()
+    ref = hf(inputs_embeds=embeds, attention_mask=mask, decoder_input_ids=dec, decoder_attention_mask=dec_mask).logits
+    logits, _ = ours(inputs_embeds=embeds, attention_mask=mask, decoder_input_ids=dec, decoder_attention_mask=dec_mask)
+    assert max_diff(logits, ref) <= TOL
 
 
 @torch.no_grad()
@@ -283,7 +286,9 @@ def test_t5_step_state_survives_beam_reorder(t5_pair):
 @torch.no_grad()
 def test_t5_half_precision_clamps_overflow():
     torch.manual_seed(0)
-    cfg = T5Config(vocab_size=50, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=4, feed_forward_proj="gated-gelu")
+    cfg = T5Config(
+        vocab_size=50, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=4, feed_forward_proj="gated-gelu"
+    )
     model = T5ForConditionalGeneration(cfg).eval().half()
     ff = model.decoder.block[0].layer[-1]
     # constant positive weights make the decoder's MLP output large and one-signed: past float16's range

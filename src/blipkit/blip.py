@@ -258,7 +258,7 @@ class Blip(BlipBase):
         out = []
         for q in range(states.shape[0]):
             kv = self.text_decoder.bert.cross_kv(states[q : q + 1])
-            cm = qmask[q : q + 1].expand(ids.shape[0], -1)
+            cm = qmask[q : q + 1]  # one question for every answer row: shared, not copied
             logits, _ = self.text_decoder(ids, attention_mask=amask, encoder_kv=kv, context_mask=cm)
             lp = logits[:, :-1].float().log_softmax(-1)
             tok = lp.gather(2, targets.clamp(min=0)[..., None]).squeeze(-1)

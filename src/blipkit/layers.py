@@ -58,7 +58,13 @@ def attend(
             probs.retain_grad()
         keep.attention_probs = probs
         return F.dropout(probs, dropout, keep.training) @ v
-    if k.shape[0] != q.shape[0]:  # keys/values shared across the batch (one image, many texts)
+    if k.shape[0] == 1 and q.shape[0] > 1:  # keys/values shared by every row (one image, many texts)
+        if mask is None or mask.shape[0] == 1:
+            # Fold the rows into the query axis: one attention call against the shared keys, no copies of them.
+            B, nh, T, hs = q.shape
+            folded = q.transpose(0, 1).reshape(1, nh, B * T, hs)  # (1, nh, B*T, hs)
+            out = F.scaled_dot_product_attention(folded, k, v, attn_mask=mask, dropout_p=dropout)
+            return out.reshape(nh, B, T, hs).transpose(0, 1)  # (B, nh, T, hs)
         k, v = k.expand(q.shape[0], -1, -1, -1), v.expand(q.shape[0], -1, -1, -1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 from tokenizers import AddedToken, decoders, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as Backend
 from tokenizers.models import BPE, WordPiece
@@ -29,6 +29,8 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     if "A" in image.getbands() or image.info.get("transparency") is not None:
         rgba = image.convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    if image.mode == "RGB":
+        return image  # the reference's convert("RGB") would only copy it
     return image.convert("RGB")  # L, P, CMYK, 1, I;16, I, F: PIL's own conversion, as the reference
 
 
@@ -36,11 +38,13 @@ def load_image(image: str | Path | Image.Image) -> Image.Image:
     """Open a path or take a PIL image; apply its EXIF orientation and return it in RGB."""
     name = "the PIL image" if isinstance(image, Image.Image) else f"image file '{image}'"
     try:
-        if isinstance(image, Image.Image):
-            return _to_rgb(ImageOps.exif_transpose(image))
+        if isinstance(image, Image.Image):  # never modified: transposing and converting make new images
+            upright = image.getexif().get(ExifTags.Base.Orientation, 1) in (None, 1)
+            return _to_rgb(image if upright else ImageOps.exif_transpose(image))
         with Image.open(image) as opened:
             opened.load()  # decode now, so truncated files fail here and not later
-            return _to_rgb(ImageOps.exif_transpose(opened))
+            ImageOps.exif_transpose(opened, in_place=True)
+            return _to_rgb(opened)
     except FileNotFoundError as e:
         raise InputError(f"{name} does not exist: check the path") from e
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
@@ -55,8 +59,9 @@ class ImageProcessor:
     1/255` cast to float32, then `(x - mean) / std` in float32. Because the resized image is uint8, the last two steps
     are a 256-entry lookup table per channel, computed once with the same float operations (exact, and fast).
     transformers' default `BlipImageProcessor` (torchvision backend) resizes uint8 tensors with torch's antialiased
-    bicubic kernel instead of PIL's; measured on photographs at 384×384 it differs from this path by at most one
-    uint8 level on a small share of pixels (max abs difference ≈ 0.0153 after normalisation, mean ≈ 2e-4).
+    bicubic kernel instead of PIL's; measured on photo-like images resized to 384² and 224², it differs from this
+    path by one or two uint8 levels on 0.1–0.5% of values (max abs difference 0.015–0.030 after normalisation, mean
+    ≈ 5e-5), and by ≤ 1e-6 (float rounding of its fused normalisation) when no resize is needed.
     Unlike transformers, EXIF orientation is applied (see `load_image`).
     """
 
@@ -91,6 +96,13 @@ class ImageProcessor:
                    std=config.get("image_std", OPENAI_CLIP_STD),
                    resample=int(config.get("resample", Image.Resampling.BICUBIC)),
                    rescale_factor=config.get("rescale_factor", 1 / 255))
+
+    def to_hf(self) -> dict[str, Any]:
+        """The `preprocessor_config.json` dict transformers' `BlipImageProcessor` reads (inverse of `from_hf`)."""
+        return {"image_processor_type": "BlipImageProcessor", "do_resize": True, "do_rescale": True,
+                "do_normalize": True, "do_convert_rgb": True, "size": {"height": self.size[0], "width": self.size[1]},
+                "resample": int(self.resample), "rescale_factor": self.rescale_factor,
+                "image_mean": list(self.mean), "image_std": list(self.std)}
 
     @cached_property
     def _lut(self) -> np.ndarray:
@@ -127,9 +139,9 @@ class ImageProcessor:
 
 # ----------------------------------------------------------------------------------------------------------- tokenizers
 
-SPECIAL_NAMES = ("bos", "eos", "unk", "sep", "pad", "cls", "mask")  # transformers' order of adding them
-BERT_SPECIALS = {"unk": "[UNK]", "sep": "[SEP]", "pad": "[PAD]", "cls": "[CLS]", "mask": "[MASK]"}
-GPT2_SPECIALS = {"unk": "<|endoftext|>", "bos": "<|endoftext|>", "eos": "<|endoftext|>"}
+_SPECIAL_NAMES = ("bos", "eos", "unk", "sep", "pad", "cls", "mask")  # transformers' order of adding them
+_BERT_SPECIALS = {"unk": "[UNK]", "sep": "[SEP]", "pad": "[PAD]", "cls": "[CLS]", "mask": "[MASK]"}
+_GPT2_SPECIALS = {"unk": "<|endoftext|>", "bos": "<|endoftext|>", "eos": "<|endoftext|>"}
 BLIP_DEC, BLIP_ENC = "[DEC]", "[ENC]"  # BLIP's decoder-start (bos) and image-grounded-encoder tokens
 
 
@@ -147,7 +159,7 @@ def _content(token: Any) -> str | None:
 def _special_tokens(config: dict[str, Any], token_map: dict[str, Any]) -> tuple[dict[str, str], list[str]]:
     """Named special tokens and extra ones, merged as transformers' `from_pretrained` does."""
     merged = dict(config) if "added_tokens_decoder" in config else {**config, **token_map}
-    named = {n: _content(merged[f"{n}_token"]) for n in SPECIAL_NAMES if merged.get(f"{n}_token")}
+    named = {n: _content(merged[f"{n}_token"]) for n in _SPECIAL_NAMES if merged.get(f"{n}_token")}
     extra = merged.get("extra_special_tokens") or merged.get("additional_special_tokens") or []
     extra = list(extra.values()) if isinstance(extra, dict) else extra
     return named, [_content(t) for t in extra]
@@ -183,7 +195,7 @@ class Tokenizer:
     30524 for BLIP's BERT with `[DEC]` (30522) and `[ENC]` (30523).
     """
 
-    backend: Backend
+    backend: Backend = field(repr=False)
     special: dict[str, str] = field(default_factory=dict)  # "bos" → "[DEC]", "pad" → "[PAD]", ...
     extra_special: list[str] = field(default_factory=list)
     model_max_length: int | None = None
@@ -206,13 +218,13 @@ class Tokenizer:
                 msg = f"cannot load {path / 'tokenizer.json'} ({e}): restore it from the checkpoint"
                 raise CheckpointError(msg) from e
             if type(backend.model).__name__ == "WordPiece":
-                named = {**BERT_SPECIALS, **named}
+                named = {**_BERT_SPECIALS, **named}
             template = None  # tokenizer.json carries its own post-processor and added tokens
         elif (path / "vocab.txt").is_file():
-            backend, named = _bert_backend(path / "vocab.txt", config), {**BERT_SPECIALS, **named}
+            backend, named = _bert_backend(path / "vocab.txt", config), {**_BERT_SPECIALS, **named}
             template = [named["cls"], "$A", named["sep"]]
         elif (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
-            backend, named = _bpe_backend(path / "vocab.json", path / "merges.txt", config), {**GPT2_SPECIALS, **named}
+            backend, named = _bpe_backend(path / "vocab.json", path / "merges.txt", config), {**_GPT2_SPECIALS, **named}
             template = [named["bos"]] * bool(config.get("add_bos_token")) + ["$A"]
             template += [named["eos"]] * bool(config.get("add_eos_token"))
         else:
@@ -224,14 +236,16 @@ class Tokenizer:
         tok = cls(backend, named, extra, max_length if isinstance(max_length, int) and max_length < 10**9 else None,
                   bool(config.get("clean_up_tokenization_spaces", False)))
         if template is not None:
-            tok._add_added_tokens(config, _read_json(path / "added_tokens.json"))
+            tok._add_declared_tokens(config, _read_json(path / "added_tokens.json"))
+        tok._add_special_tokens()
+        if template is not None:
             specials = [t for t in template if t != "$A"]
             backend.post_processor = processors.TemplateProcessing(
                 single=template, special_tokens=[(t, backend.token_to_id(t)) for t in dict.fromkeys(specials)])
         return tok
 
-    def _add_added_tokens(self, config: dict[str, Any], added_tokens: dict[str, int]) -> None:
-        """Register added tokens in transformers' order: declared ids, then named special tokens, then extra ones."""
+    def _add_declared_tokens(self, config: dict[str, Any], added_tokens: dict[str, int]) -> None:
+        """Register the added tokens that tokenizer_config.json / added_tokens.json declare, at their ids."""
         declared = {int(i): AddedToken(**{k: v for k, v in t.items() if k != "__type"})
                     for i, t in config.get("added_tokens_decoder", {}).items()}
         specials = set(self.special.values()) | set(self.extra_special)
@@ -242,8 +256,13 @@ class Tokenizer:
             if self.backend.token_to_id(token.content) != i:
                 raise CheckpointError(f"added token {token.content!r} should have id {i} but gets "
                                       f"{self.backend.token_to_id(token.content)}: the tokenizer files disagree")
-        for token in [self.special[n] for n in SPECIAL_NAMES if n in self.special] + self.extra_special:
-            self.backend.add_special_tokens([AddedToken(token, special=True, normalized=False)])
+
+    def _add_special_tokens(self) -> None:
+        """Make the named then the extra special tokens added tokens, as transformers does (new ones get new ids)."""
+        present = {t.content for t in self.backend.get_added_tokens_decoder().values()}
+        for token in [self.special[n] for n in _SPECIAL_NAMES if n in self.special] + self.extra_special:
+            if token not in present:
+                self.backend.add_special_tokens([AddedToken(token, special=True, normalized=False)])
 
     def add_blip_tokens(self) -> Tokenizer:
         """Add BLIP's `[DEC]` (as bos) and `[ENC]` when missing, as BLIP's `init_tokenizer` does; returns self."""
@@ -323,7 +342,7 @@ class Tokenizer:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         self.backend.save(str(path / "tokenizer.json"))
-        token_map = {f"{n}_token": self.special[n] for n in SPECIAL_NAMES if n in self.special}
+        token_map = {f"{n}_token": self.special[n] for n in _SPECIAL_NAMES if n in self.special}
         if self.extra_special:
             token_map["additional_special_tokens"] = list(self.extra_special)
         config = {"tokenizer_class": "PreTrainedTokenizerFast", **token_map,

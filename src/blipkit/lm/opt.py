@@ -255,7 +255,7 @@ class OPTForCausalLM(nn.Module):
                     )
                 mask, past = prompt_mask_r.long(), None
                 if prefix_r is not None:
-                    pm = prefix_mask_r if prefix_mask_r is not None else torch.ones(prefix_r.shape[:2])
+                    pm = prefix_mask_r if prefix_mask_r is not None else mask.new_ones(prefix_r.shape[:2])
                     embeds = torch.cat([prefix_r.to(embeds.dtype), embeds], dim=1)  # (R, P + T, E)
                     mask = torch.cat([pm.to(mask), mask], dim=1)  # (R, P + T)
             else:

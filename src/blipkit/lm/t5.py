@@ -22,7 +22,7 @@ def gelu_new(x: Tensor) -> Tensor:
     return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
 
 
-ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
+ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "gelu_new": gelu_new, "silu": F.silu}
 
 
 @dataclass
@@ -55,6 +55,8 @@ class T5Config:
         gate, _, act = self.feed_forward_proj.rpartition("-")
         if gate not in ("", "gated") or act not in ACTIVATIONS:
             raise CheckpointError(f"T5 feed_forward_proj {self.feed_forward_proj!r} is not supported")
+        # "gated-gelu" means the tanh approximation, for historical reasons
+        self.dense_act_fn = "gelu_new" if self.feed_forward_proj == "gated-gelu" else act
 
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> T5Config:
@@ -82,10 +84,8 @@ def relative_position_bucket(rel: Tensor, bidirectional: bool, num_buckets: int,
     else:
         rel = -torch.clamp(rel, max=0)  # the decoder never looks ahead: only past offsets matter
     max_exact = num_buckets // 2
-    large = max_exact + (
-        torch.log(rel.float() / max_exact) / math.log(max_distance / max_exact) * (num_buckets - max_exact)
-    ).long()
-    large = torch.clamp(large, max=num_buckets - 1)
+    log_ratio = torch.log(rel.float() / max_exact) / math.log(max_distance / max_exact)
+    large = torch.clamp(max_exact + (log_ratio * (num_buckets - max_exact)).long(), max=num_buckets - 1)
     return buckets + torch.where(rel < max_exact, rel, large)
 
 
@@ -119,9 +119,7 @@ class T5DenseActDense(nn.Module):
             self.wi = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
         self.wo = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
         self.dropout = nn.Dropout(cfg.dropout_rate)
-        # "gated-gelu" means the tanh approximation, for historical reasons
-        gelu_tanh = cfg.feed_forward_proj == "gated-gelu"
-        self.act = gelu_new if gelu_tanh else ACTIVATIONS[cfg.feed_forward_proj.rpartition("-")[2]]
+        self.act = ACTIVATIONS[cfg.dense_act_fn]
 
     def forward(self, x: Tensor) -> Tensor:
         """Apply the MLP to x (..., C)."""
@@ -163,10 +161,7 @@ class T5Attention(nn.Module):
         return k, v
 
     def forward(self, x: Tensor, mask: Tensor, kv: KV | None = None, past: KV | None = None) -> tuple[Tensor, KV]:
-        """Attend x (B, T, C) under the float mask (B, nh, T, S), which already holds the position bias.
-
-        Self-attention (kv None) attends to past + x and returns the extended cache; cross-attention is given kv.
-        """
+        """Attend x (B, T, C) to kv, or to past + x (self-attention); the float mask (B, nh, T, S) holds the bias."""
         B, T, _ = x.shape
         if kv is None:
             kv = self.project_kv(x)
@@ -233,7 +228,7 @@ class T5Block(nn.Module):
         self.layer.append(T5LayerFF(cfg))
 
     def forward(
-        self, x: Tensor, mask: Tensor, past: KV | None = None, cross_mask: Tensor | None = None, cross: KV | None = None
+        self, x: Tensor, mask: Tensor, past: KV | None, cross_mask: Tensor | None, cross: KV | None
     ) -> tuple[Tensor, KV]:
         """Run the sub-layers on x (B, T, C); return it and the self-attention cache."""
         x, kv = self.layer[0](x, mask, past)
@@ -267,19 +262,20 @@ class T5Stack(nn.Module):
         past_len = 0 if past is None else past[0][0].shape[2]
         S = past_len + T
         bias = self.block[0].layer[0].SelfAttention.compute_bias(T, S, past_len)  # (1, nh, T, S)
-        allowed = torch.ones(B, 1, 1, S, dtype=torch.bool, device=bias.device)
-        if attention_mask is not None:
-            allowed = attention_mask[:, None, None, :].bool()  # (B, 1, 1, S)
+        if attention_mask is None:
+            attention_mask = torch.ones(B, S, dtype=torch.bool, device=bias.device)
+        allowed = attention_mask[:, None, None, :].bool()  # (B, 1, 1, S)
         if self.is_decoder:
             q_pos = torch.arange(past_len, S, device=bias.device)[:, None]
             allowed = allowed & (torch.arange(S, device=bias.device)[None, :] <= q_pos)  # (B, 1, T, S)
         # the bias and the mask fold into one float mask; a masked slot gets the dtype's min (not -inf) so a row
         # with nothing to attend to stays finite, as in the reference; the first layer's bias serves every layer
-        mask = torch.where(allowed, bias, torch.finfo(bias.dtype).min)  # (B, nh, T, S)
+        neg = torch.finfo(bias.dtype).min
+        mask = torch.where(allowed, bias, neg)  # (B, nh, T, S)
         cross_add = None
-        if cross is not None:
-            zero = torch.zeros((), dtype=bias.dtype, device=bias.device)
-            cross_add = torch.where(cross_mask[:, None, None, :].bool(), zero, torch.finfo(bias.dtype).min)
+        if cross is not None:  # cross-attention has no position bias: the float mask is 0 or min
+            cross_add = torch.zeros_like(cross_mask, dtype=bias.dtype).masked_fill(~cross_mask.bool(), neg)
+            cross_add = cross_add[:, None, None, :]  # (B, 1, 1, S_enc)
 
         x = self.dropout(inputs_embeds)
         cache = []
@@ -350,10 +346,9 @@ class T5ForConditionalGeneration(nn.Module):
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise InputError("pass exactly one of input_ids and inputs_embeds")
-        if decoder_input_ids is None:
-            if labels is None:
-                raise InputError("pass decoder_input_ids or labels (the decoder inputs are derived from labels)")
-            decoder_input_ids = self.shift_right(labels)
+        if decoder_input_ids is None and labels is None:
+            raise InputError("pass decoder_input_ids or labels (the decoder inputs are derived from labels)")
+        decoder_input_ids = self.shift_right(labels) if decoder_input_ids is None else decoder_input_ids
         if inputs_embeds is None:
             inputs_embeds = self.shared(input_ids)
         if attention_mask is None:
@@ -383,17 +378,12 @@ class T5ForConditionalGeneration(nn.Module):
         def step(new_ids: Tensor, state: dict[str, Any] | None) -> tuple[Tensor, dict[str, Any]]:
             if state is None:
                 if new_ids.shape[0] != hidden.shape[0]:
-                    raise InputError(
-                        f"first step got {new_ids.shape[0]} rows but the encoder output repeated {rows} times has "
-                        f"{hidden.shape[0]}"
-                    )
+                    raise InputError(f"first step got {new_ids.shape[0]} rows, the context has {hidden.shape[0]}")
                 if new_ids.shape[1] == 0:
                     new_ids = new_ids.new_full((new_ids.shape[0], 1), self.config.decoder_start_token_id)
                 cross = [blk.layer[1].EncDecAttention.project_kv(hidden) for blk in self.decoder.block]
                 state = {"kv": None, "cross": cross, "encoder_mask": enc_mask}
-            dec, cache = self.decoder(
-                self.shared(new_ids), None, state["kv"], cross=state["cross"], cross_mask=state["encoder_mask"]
-            )
+            dec, cache = self.decoder(self.shared(new_ids), None, state["kv"], state["cross"], state["encoder_mask"])
             return self._logits(dec[:, -1]), {**state, "kv": cache}  # (R, V)
 
         return step
