@@ -101,7 +101,6 @@ def main() -> None:
         row("ITM 1 image x 100 texts (cached features)", t_ours, t_ref)
         diff = (ours.itm_logits(ours_feats, texts)[0] - ref_itm()).abs().max()
         print(f"{'  max |logit difference|':<46} {float(diff):.2e}")
-        del ref, ref_bf16, ours, ours_bf16
 
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
         ref = BlipForConditionalGeneration(cfg).eval()
