@@ -56,13 +56,13 @@ def iter_tensors(directory: Path) -> Iterator[tuple[str, Tensor, Path]]:
         if not path.is_file():
             raise CheckpointError(f"{path}: listed in the weight index but missing")
         if path.suffix == ".safetensors":
-            from safetensors import safe_open
+            from safetensors import SafetensorError, safe_open
 
             try:
                 with safe_open(str(path), framework="pt") as f:
                     for key in f.keys():
                         yield key, f.get_tensor(key), path
-            except (OSError, RuntimeError) as e:  # safetensors raises SafetensorError (a RuntimeError subclass)
+            except (OSError, SafetensorError) as e:
                 raise CheckpointError(f"{path}: cannot read safetensors file ({e})") from None
         else:
             try:
@@ -86,7 +86,9 @@ def load_weights(
 ) -> None:
     """Fill `model`'s parameters (possibly on the meta device) from `directory`, strictly.
 
-    Tied parameters (one tensor under several names) are filled once from whichever name the file has.
+    Tied parameters (one tensor under several names) are filled once from the canonical (first) name. A file that
+    also stores a tied copy under another name is honoured as the reference does: equal, it stays tied; different,
+    that name gets its own parameter. `model.unused_checkpoint_keys` (if any) are skipped.
     `keep_float32(name)` marks parameters that stay in float32 whatever `dtype` is.
     """
     aliases: dict[int, list[str]] = {}
@@ -94,10 +96,21 @@ def load_weights(
     for name, p in model.named_parameters(remove_duplicate=False):
         aliases.setdefault(id(p), []).append(name)
         params[name] = p
-    filled: set[int] = set()
+    unused = set(getattr(model, "unused_checkpoint_keys", ()))
+
+    def convert(key: str, tensor: Tensor, p: nn.Parameter) -> nn.Parameter:
+        target = (
+            torch.float32 if keep_float32(key) else (dtype or (tensor.dtype if tensor.is_floating_point() else None))
+        )
+        if tensor.is_floating_point() and target is not None:
+            tensor = tensor.to(target)
+        return nn.Parameter(tensor.to(device) if device is not None else tensor, requires_grad=p.requires_grad)
+
+    filled: dict[int, nn.Parameter] = {}
+    copies: dict[str, nn.Parameter] = {}  # tied names the file stores separately
     for key, tensor, path in iter_tensors(directory):
         if key not in params:
-            if key.endswith(DERIVED_SUFFIXES):
+            if key.endswith(DERIVED_SUFFIXES) or key in unused:
                 continue
             raise CheckpointError(
                 f"{path}: unexpected key '{key}' — the checkpoint has a tensor this {type(model).__name__} "
@@ -108,17 +121,21 @@ def load_weights(
             raise CheckpointError(
                 f"{path}: shape mismatch for '{key}': checkpoint {tuple(tensor.shape)}, model {tuple(p.shape)}"
             )
-        if id(p) in filled:
+        if key != aliases[id(p)][0]:
+            copies[key] = convert(key, tensor, p)
             continue
-        target = (
-            torch.float32 if keep_float32(key) else (dtype or (tensor.dtype if tensor.is_floating_point() else None))
-        )
-        if tensor.is_floating_point() and target is not None:
-            tensor = tensor.to(target)
-        new = nn.Parameter(tensor.to(device) if device is not None else tensor, requires_grad=p.requires_grad)
+        new = convert(key, tensor, p)
         for name in aliases[id(p)]:
             _set(model, name, new)
-        filled.add(id(p))
+        filled[id(p)] = new
+    for key, copy in copies.items():
+        pid = id(params[key])
+        if pid not in filled:  # only the tied copy is stored: it fills every name
+            for name in aliases[pid]:
+                _set(model, name, copy)
+            filled[pid] = copy
+        elif not torch.equal(filled[pid], copy):
+            _set(model, key, copy)
     missing = [names[0] for pid, names in aliases.items() if pid not in filled]
     if missing:
         shown = ", ".join(f"'{m}'" for m in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
