@@ -10,6 +10,8 @@ Every checkpoint tensor must be used, every parameter filled, every shape equal;
 from __future__ import annotations
 
 import json
+import mmap
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -50,26 +52,87 @@ def _weight_files(directory: Path) -> list[Path]:
     raise CheckpointError(f"{directory}: no weights found (looked for {', '.join(WEIGHT_FILES)})")
 
 
-def iter_tensors(directory: Path) -> Iterator[tuple[str, Tensor, Path]]:
-    """Yield (key, tensor, file) for every tensor of the checkpoint, reading lazily from memory-mapped files."""
+# safetensors dtype names -> torch dtypes
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+DtypeFor = Callable[[str, torch.dtype], torch.dtype]
+
+
+def _read_safetensors(path: Path, dtype_for: DtypeFor) -> Iterator[tuple[str, Tensor]]:
+    """Tensors of a safetensors file, memory-mapped: zero-copy when the dtype is kept, else converted.
+
+    The map is private (copy-on-write), so the tensors are writable and the file is never changed. The pages of a
+    converted tensor are released right after conversion, so loading float32 weights as bfloat16 peaks at about
+    the bfloat16 size rather than the file size plus it.
+    """
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            n = int.from_bytes(f.read(8), "little")
+            if not 2 <= n <= size - 8:
+                raise ValueError(f"header length {n} does not fit a file of {size} bytes")
+            header = json.loads(f.read(n))
+            if not isinstance(header, dict):
+                raise ValueError("the header is not a JSON object")
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > 8 + n else None
+    except (OSError, ValueError) as e:  # unreadable, or not a safetensors file
+        raise CheckpointError(f"{path}: cannot read safetensors file ({e})") from None
+    header.pop("__metadata__", None)
+    page = mmap.PAGESIZE
+    try:
+        entries = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
+    except (KeyError, TypeError, IndexError) as e:
+        raise CheckpointError(f"{path}: malformed safetensors header ({e!r})") from None
+    for key, info in entries:
+        src = SAFETENSORS_DTYPES.get(info.get("dtype"))
+        if src is None:
+            raise CheckpointError(f"{path}: tensor '{key}' has dtype {info.get('dtype')}, which blipkit does not load")
+        start, end = (8 + n + o for o in info["data_offsets"])
+        if end > size:
+            raise CheckpointError(f"{path}: truncated file ('{key}' ends at byte {end}, the file has {size})")
+        count = (end - start) // src.itemsize
+        try:
+            view = torch.frombuffer(mm, dtype=src, count=count, offset=start) if count else torch.empty(0, dtype=src)
+            view = view.view(info["shape"])
+        except (RuntimeError, ValueError, TypeError) as e:
+            raise CheckpointError(f"{path}: tensor '{key}' does not fit its shape {info.get('shape')} ({e})") from None
+        target = dtype_for(key, src)
+        if target == src:
+            yield key, view
+            continue
+        yield key, view.to(target)
+        del view
+        if count and hasattr(mm, "madvise"):
+            mm.madvise(mmap.MADV_DONTNEED, start - start % page, end - start + start % page)
+
+
+def iter_tensors(directory: Path, dtype_for: DtypeFor | None = None) -> Iterator[tuple[str, Tensor, Path]]:
+    """Yield (key, tensor, file) for every tensor of the checkpoint, read lazily from memory-mapped files.
+
+    `dtype_for(key, stored_dtype)` gives the dtype to yield each tensor in (default: as stored).
+    """
+    dtype_for = dtype_for or (lambda key, stored: stored)
     for path in _weight_files(directory):
         if not path.is_file():
             raise CheckpointError(f"{path}: listed in the weight index but missing")
         if path.suffix == ".safetensors":
-            from safetensors import SafetensorError, safe_open
-
-            try:
-                with safe_open(str(path), framework="pt") as f:
-                    for key in f.keys():
-                        yield key, f.get_tensor(key), path
-            except (OSError, SafetensorError) as e:
-                raise CheckpointError(f"{path}: cannot read safetensors file ({e})") from None
+            yield from ((k, v, path) for k, v in _read_safetensors(path, dtype_for))
         else:
             try:
                 state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             except Exception as e:  # noqa: BLE001 - torch raises many kinds here; all mean "unreadable"
                 raise CheckpointError(f"{path}: cannot read PyTorch weights ({e})") from None
-            yield from ((k, v, path) for k, v in state.items())
+            yield from ((k, v.to(dtype_for(k, v.dtype)), path) for k, v in state.items())
 
 
 def _set(model: nn.Module, name: str, value: nn.Parameter) -> None:
@@ -98,17 +161,17 @@ def load_weights(
         params[name] = p
     unused = set(getattr(model, "unused_checkpoint_keys", ()))
 
+    def dtype_for(key: str, stored: torch.dtype) -> torch.dtype:
+        if not stored.is_floating_point:
+            return stored
+        return torch.float32 if keep_float32(key) else (dtype or stored)
+
     def convert(key: str, tensor: Tensor, p: nn.Parameter) -> nn.Parameter:
-        target = (
-            torch.float32 if keep_float32(key) else (dtype or (tensor.dtype if tensor.is_floating_point() else None))
-        )
-        if tensor.is_floating_point() and target is not None:
-            tensor = tensor.to(target)
         return nn.Parameter(tensor.to(device) if device is not None else tensor, requires_grad=p.requires_grad)
 
     filled: dict[int, nn.Parameter] = {}
     copies: dict[str, nn.Parameter] = {}  # tied names the file stores separately
-    for key, tensor, path in iter_tensors(directory):
+    for key, tensor, path in iter_tensors(directory, dtype_for):
         if key not in params:
             if key.endswith(DERIVED_SUFFIXES) or key in unused:
                 continue
@@ -157,7 +220,10 @@ def save_weights(model: nn.Module, directory: Path) -> None:
     from safetensors.torch import save_file
 
     directory.mkdir(parents=True, exist_ok=True)
-    save_file(state_dict_for_saving(model), str(directory / "model.safetensors"), metadata={"format": "pt"})
+    # write then rename: a model loaded from this very file keeps reading the old one (its weights are mapped)
+    tmp = directory / "model.safetensors.tmp"
+    save_file(state_dict_for_saving(model), str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, directory / "model.safetensors")
 
 
 def resolve(name_or_path: str | Path, shipped: dict[str, Path], presets: dict[str, str]) -> Path:

@@ -31,7 +31,7 @@ def _pick(cls: type, d: dict[str, Any]) -> dict[str, Any]:
 
 @dataclass
 class VisionConfig:
-    """ViT image encoder (BLIP's ViT-B/L, BLIP-2's EVA ViT-g when `qkv_bias` is True)."""
+    """ViT image encoder (BLIP's ViT-B/L and BLIP-2's EVA ViT-g)."""
 
     hidden_size: int = 768
     intermediate_size: int = 3072
@@ -41,7 +41,9 @@ class VisionConfig:
     patch_size: int = 16
     hidden_act: str = "gelu"
     layer_norm_eps: float = 1e-5
-    qkv_bias: bool = False  # BLIP-2 stores separate q_bias / v_bias (no k bias); BLIP a fused qkv bias.
+    # The fused qkv projection has a bias: always in BLIP; in BLIP-2 (EVA) per config, stored fused as
+    # (q_bias, zeros, v_bias) since EVA has no k bias.
+    qkv_bias: bool = True
 
     @property
     def grid(self) -> int:

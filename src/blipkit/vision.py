@@ -41,26 +41,18 @@ class VisionEmbeddings(nn.Module):
 
 
 class VisionAttention(nn.Module):
-    """Fused-qkv self-attention; EVA keeps q and v biases as separate parameters and no k bias."""
+    """Fused-qkv self-attention (EVA's checkpoints store its q / v biases fused, with a zero k third)."""
 
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.heads = cfg.num_attention_heads
-        self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=not cfg.qkv_bias)
-        if cfg.qkv_bias:
-            self.q_bias = nn.Parameter(torch.zeros(cfg.hidden_size))
-            self.v_bias = nn.Parameter(torch.zeros(cfg.hidden_size))
+        self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=cfg.qkv_bias)
         self.projection = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.keep_attention = False
 
     def forward(self, x: Tensor) -> Tensor:
         B, T, H = x.shape
-        if hasattr(self, "q_bias"):
-            bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
-            qkv = F.linear(x, self.qkv.weight, bias)
-        else:
-            qkv = self.qkv(x)
-        q, k, v = qkv.view(B, T, 3, self.heads, H // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, T, hs)
+        q, k, v = self.qkv(x).view(B, T, 3, self.heads, H // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, T, hs)
         return self.projection(merge_heads(attend(q, k, v, None, keep=self)))
 
 

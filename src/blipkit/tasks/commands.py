@@ -1,0 +1,454 @@
+"""The task subcommands of `blipkit`: match, classify, caption, ask, ground, attention, matrix, plot-space, info.
+
+Each one loads the model named by --model, runs a task from `blipkit.tasks` (or a model method), prints a readable
+result or, with --json, one JSON document on stdout, and writes a PNG where --out is given. Progress bars go to
+stderr; errors blipkit raises become one line on stderr (see `blipkit.cli`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..errors import CapabilityError, InputError
+from .common import PROGRESS_MIN
+
+FORMATTER = argparse.RawDescriptionHelpFormatter
+
+
+def _examples(*lines: str) -> str:
+    return "examples:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+# ----------------------------------------------------------------------------------------------------------- helpers
+
+
+def _device(name: str | None) -> str | None:
+    """--device checked here, so a typo is one clear line rather than an error deep inside torch."""
+    if name is None:
+        return None
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise InputError(f"--device {name!r} is not a device: use cpu, cuda, cuda:1, mps ...") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {name}: no CUDA device is available here; use --device cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise InputError(f"--device {name}: no MPS device is available here; use --device cpu")
+    return name
+
+
+def _load(args: argparse.Namespace):
+    import blipkit
+
+    return blipkit.load(args.model, device=_device(args.device), dtype=args.dtype)
+
+
+def _images(args: argparse.Namespace) -> list[Path]:
+    from .inputs import image_paths
+
+    return image_paths(args.images)
+
+
+def _one_image(args: argparse.Namespace) -> Path:
+    paths = _images(args)
+    if len(paths) != 1:
+        raise InputError(f"{args.command} takes one image; '{' '.join(args.images)}' names {len(paths)}")
+    return paths[0]
+
+
+def _texts(args: argparse.Namespace, what: str = "texts") -> list[str]:
+    from .inputs import read_texts
+
+    return read_texts(args.texts, args.texts_file, what)
+
+
+def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
+    """The result on stdout: JSON with --json, else the readable text."""
+    if args.json:
+        print(json.dumps(data, indent=2, ensure_ascii=False))
+    else:
+        print(text)
+
+
+def _progress(items: list, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, unit="img", disable=len(items) < PROGRESS_MIN, file=sys.stderr, leave=False)
+
+
+def _picture(args: argparse.Namespace, draw) -> str | None:
+    """Draw the picture to --out when given; returns its path for the output."""
+    if not getattr(args, "out", None):
+        return None
+    path = Path(args.out)
+    draw(path)
+    if not args.json:
+        print(f"wrote {path}", file=sys.stderr)
+    return str(path)
+
+
+def _at_least(args: argparse.Namespace, **lowest: int) -> None:
+    """InputError for a numeric option below its lowest sensible value (options left unset are skipped)."""
+    for name, low in lowest.items():
+        value = getattr(args, name)
+        if value is not None and value < low:
+            raise InputError(f"--{name.replace('_', '-')} {value}: use {low} or more")
+
+
+def _fit_lengths(method, options: dict[str, Any]) -> None:
+    """Keep the minimum length within the maximum when only one of them was given (the other is the model's)."""
+    defaults = {k: p.default for k, p in inspect.signature(method).parameters.items()}
+    low = options.get("min_new_tokens", defaults.get("min_new_tokens"))
+    high = options.get("max_new_tokens", defaults.get("max_new_tokens"))
+    if isinstance(low, int) and isinstance(high, int) and low > high:
+        if "min_new_tokens" in options and "max_new_tokens" in options:
+            raise InputError(f"--min-new-tokens {low} is more than --max-new-tokens {high}")
+        if "min_new_tokens" in options:
+            options["max_new_tokens"] = low
+        else:
+            options["min_new_tokens"] = high
+
+
+def _checked(func):
+    """`func` preceded by the checks that need no model (so a wrong --out fails before a long computation)."""
+
+    def run(args: argparse.Namespace) -> int:
+        out = getattr(args, "out", None)
+        if out and Path(out).suffix.lower() != ".png":
+            raise InputError(f"--out '{out}': pictures are written as PNG, give a path ending in .png")
+        return func(args)
+
+    return run
+
+
+def _fmt(x: float | None, spec: str = "7.3f") -> str:
+    return format(x, spec) if x is not None else f"{'-':>{int(spec.split('.')[0])}}"
+
+
+def _add_images(p: argparse.ArgumentParser, one: bool = False, optional: bool = False) -> None:
+    help_ = "an image file" if one else "image files, folders (their images) or glob patterns (quote them)"
+    p.add_argument("images", nargs=1 if one else "*" if optional else "+", metavar="IMAGE", help=help_)
+
+
+def _add_texts(p: argparse.ArgumentParser, help_: str, required: bool = True) -> None:
+    p.add_argument("-t", "--texts", nargs="+", metavar="TEXT", help=help_)
+    more = "more texts, one per line" + ("" if required else " (optional)")
+    p.add_argument("--texts-file", metavar="FILE", help=more)
+
+
+def _add_out(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-o", "--out", metavar="PNG", help="write the picture to this PNG file")
+
+
+def _add_batch(p: argparse.ArgumentParser, default: int = 32) -> None:
+    p.add_argument("--batch-size", type=int, default=default, help=f"images per forward pass (default {default})")
+
+
+# ----------------------------------------------------------------------------------------------------------- commands
+
+
+def cmd_match(args: argparse.Namespace) -> int:
+    from .ranking import Collection
+
+    paths, texts = _images(args), _texts(args)
+    _at_least(args, top_k=1, top_n=1)
+    model = _load(args)
+    collection = Collection(model, texts=texts)
+    results = []
+    for path in _progress(paths, "match"):
+        hits = collection.search_texts(path, k=args.top_k or len(texts), top_n=args.top_n or len(texts))
+        results.append({"image": str(path), "hits": [{"text": texts[h.index], **h.to_dict()} for h in hits]})
+    lines = []
+    for r in results:
+        lines.append(r["image"])
+        lines.append(f"  {'#':>3} {'score':>7} {'ITC':>7} {'ITM':>7}  text")
+        for rank, h in enumerate(r["hits"], 1):
+            lines.append(f"  {rank:>3} {_fmt(h['score'])} {_fmt(h['itc'])} {_fmt(h['itm'])}  {h['text']}")
+    _emit(args, results, "\n".join(lines))
+    return 0
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    from .inputs import read_texts
+    from .zeroshot import DEFAULT_TEMPLATES, classify
+
+    paths = _images(args)
+    labels = read_texts(args.labels, args.labels_file, "labels")
+    templates = args.template or list(DEFAULT_TEMPLATES)
+    model = _load(args)
+    top = classify(model, paths, labels, templates, head=args.head, k=args.top_k, batch_size=args.batch_size)
+    results = [{"image": str(p), "top": [{"label": lab, "score": s} for lab, s in t]}
+               for p, t in zip(paths, top, strict=True)]
+    lines = [f"{r['image']}: " + ", ".join(f"{t['label']} ({t['score']:.3f})" for t in r["top"]) for r in results]
+    _emit(args, {"head": args.head, "templates": templates, "results": results}, "\n".join(lines))
+    return 0
+
+
+def cmd_caption(args: argparse.Namespace) -> int:
+    from .common import batched
+
+    paths = _images(args)
+    _at_least(args, beams=1, max_new_tokens=1, min_new_tokens=0, num_captions=1, batch_size=1)
+    if args.sample and not (0 < args.top_p <= 1 and args.temperature > 0):
+        raise InputError(f"--top-p {args.top_p} --temperature {args.temperature}: use 0 < top-p <= 1, temperature > 0")
+    model = _load(args)
+    given = dict(prompt=args.prompt, num_beams=args.beams, max_new_tokens=args.max_new_tokens,
+                 min_new_tokens=args.min_new_tokens, num_captions=args.num_captions)
+    options: dict[str, Any] = {k: v for k, v in given.items() if v is not None}  # else the model's defaults
+    _fit_lengths(model.caption, options)
+    options["do_sample"] = args.sample
+    if args.sample:
+        options.update(top_p=args.top_p, temperature=args.temperature)
+        import torch
+
+        torch.manual_seed(args.seed)
+    captions: list = []
+    for batch in batched(paths, args.batch_size, None, "caption"):
+        captions += model.caption(batch, **options)
+    results = [{"image": str(p), "caption" if isinstance(c, str) else "captions": c}
+               for p, c in zip(paths, captions, strict=True)]
+    lines = [f"{p}\t{c if isinstance(c, str) else ' | '.join(c)}" for p, c in zip(paths, captions, strict=True)]
+    _emit(args, results, "\n".join(lines))
+    return 0
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    from .common import batched
+    from .inputs import read_texts
+
+    paths = _images(args)
+    answers = read_texts(args.answers, args.answers_file, "answers") if args.answers or args.answers_file else None
+    if not args.question.strip():
+        raise InputError("the question is blank: ask something")
+    _at_least(args, beams=1, batch_size=1)
+    model = _load(args)
+    options = {} if args.beams is None else {"num_beams": args.beams}
+    if answers is not None:
+        if "answers" not in inspect.signature(model.answer).parameters:
+            raise CapabilityError(f"{args.model} generates answers and cannot rank given ones: drop --answers")
+        options["answers"] = answers
+    out: list[str] = []
+    for batch in batched(paths, args.batch_size, None, "ask"):
+        out += model.answer(batch, [args.question] * len(batch), **options)
+    results = [{"image": str(p), "question": args.question, "answer": a} for p, a in zip(paths, out, strict=True)]
+    _emit(args, results, "\n".join(f"{p}\t{a}" for p, a in zip(paths, out, strict=True)))
+    return 0
+
+
+def cmd_ground(args: argparse.Namespace) -> int:
+    from .grounding import ground, render_grounding
+
+    path = _one_image(args)
+    phrases = _texts(argparse.Namespace(texts=args.phrases + (args.texts or []), texts_file=args.texts_file), "phrases")
+    model = _load(args)
+    found = [ground(model, path, p, layer=args.layer, threshold=args.threshold) for p in _progress(phrases, "ground")]
+    picture = _picture(args, lambda out: render_grounding(found, path, out, tokens=args.tokens))
+    data = {"image": str(path), "picture": picture, "results": [g.to_dict(maps=args.maps) for g in found]}
+    lines = [f"{path}  (GradCAM, {found[0].cam.part} layer {found[0].cam.layer})"]
+    for g in found:
+        box = ", ".join(f"{v:.3f}" for v in g.box)
+        lines.append(f"  [{box}]  match {g.match:.3f}  {g.phrase}")
+    _emit(args, data, "\n".join(lines))
+    return 0
+
+
+def cmd_attention(args: argparse.Namespace) -> int:
+    from .attention import cross_attention_maps, render_attention
+
+    path = _one_image(args)
+    words = args.words + (args.text or [])
+    text = " ".join(words) if words else None
+    model = _load(args)
+    maps = cross_attention_maps(model, path, text, layer=args.layer, suppress_common=args.suppress_common)
+    picture = _picture(args, lambda out: render_attention(maps, path, out, heads=args.heads,
+                                                          words_only=not args.all_tokens))
+    data = {"image": str(path), "text": text, "picture": picture, "suppress_common": args.suppress_common,
+            **maps.to_dict(maps=True)}
+    gh, gw = maps.maps.shape[-2:]
+    lines = [f"{path}  ({maps.part} layer {maps.layer}, {maps.maps.shape[1]} heads, {gh}x{gw} patches)",
+             f"  {'token':<14} {'peak x':>7} {'peak y':>7} {'max':>7} {'to CLS':>7}"]
+    heat = maps.mean_heads()
+    for i, token in enumerate(maps.tokens):
+        x, y = maps.peak(i)
+        lines.append(f"  {token:<14} {x:7.3f} {y:7.3f} {float(heat[i].max()):7.3f} {float(maps.cls[i].mean()):7.3f}")
+    _emit(args, data, "\n".join(lines))
+    return 0
+
+
+def cmd_matrix(args: argparse.Namespace) -> int:
+    from .matrix import render_matrix, score_matrix
+
+    paths, texts = _images(args), _texts(args)
+    model = _load(args)
+    scores = score_matrix(model, paths, texts, head=args.head, batch_size=args.batch_size)
+    title = f"{'ITC cosine similarity' if args.head == 'itc' else 'ITM match probability'} · {args.model}"
+    picture = _picture(args, lambda out: render_matrix(scores, paths, texts, out, title=title))
+    data = {"head": args.head, "images": [str(p) for p in paths], "texts": texts, "scores": scores.tolist(),
+            "picture": picture}
+    width = max(len(p.name) for p in paths)
+    lines = [f"{'':<{width}}  " + "  ".join(f"[{j}]".rjust(7) for j in range(len(texts)))]
+    lines += [f"{p.name:<{width}}  " + "  ".join(f"{v:7.3f}" for v in row) for p, row in zip(paths, scores.tolist(),
+                                                                                             strict=True)]
+    lines += [f"[{j}] {t}" for j, t in enumerate(texts)]
+    _emit(args, data, "\n".join(lines))
+    return 0
+
+
+def cmd_plot_space(args: argparse.Namespace) -> int:
+    from .inputs import image_paths, read_texts
+    from .space import embedding_space, render_space
+
+    paths = image_paths(args.images) if args.images else []
+    texts = read_texts(args.texts, args.texts_file) if args.texts or args.texts_file else []
+    if len(paths) + len(texts) < 2:
+        raise InputError("plot-space needs at least two images or texts to place")
+    model = _load(args)
+    space = embedding_space(model, paths or None, texts or None, method=args.method, seed=args.seed,
+                            batch_size=args.batch_size)
+    picture = _picture(args, lambda out: render_space(space, out, thumbnails=not args.no_thumbnails))
+    lines = [f"{k:<5} {x:9.3f} {y:9.3f}  {lab}" for k, lab, (x, y) in
+             zip(space.kinds, space.labels, space.coords.tolist(), strict=True)]
+    _emit(args, {**space.to_dict(), "picture": picture}, f"{space.method} coordinates\n" + "\n".join(lines))
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .facts import format_facts, model_facts
+
+    facts = model_facts(_load(args))
+    _emit(args, facts, format_facts(facts, arrays=args.arrays))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------- parser
+
+
+def add_commands(subparsers: Any, common: argparse.ArgumentParser) -> None:
+    """Add the task subcommands to `blipkit`'s parser."""
+
+    def add(name: str, func, help_: str, examples: list[str]) -> argparse.ArgumentParser:
+        p = subparsers.add_parser(name, parents=[common], help=help_, description=help_,
+                                  epilog=_examples(*examples), formatter_class=FORMATTER)
+        p.set_defaults(func=_checked(func))
+        return p
+
+    p = add("match", cmd_match, "rank texts against each image, ITC and ITM scores side by side", [
+        'blipkit match scene.png -t "a red circle" "a blue square" "two green stars"',
+        "blipkit match photos/ --texts-file captions.txt -k 3 --json",
+        "blipkit match 'shots/*.jpg' --texts-file captions.txt --top-n 16   # ITM re-ranks the 16 best by ITC",
+    ])
+    _add_images(p)
+    _add_texts(p, "candidate texts")
+    p.add_argument("-k", "--top-k", type=int, default=None, help="show the k best texts (default: all)")
+    p.add_argument("--top-n", type=int, default=None,
+                   help="two-stage: ITM scores only the N best by ITC (default: all); score = ITM logit + ITC")
+
+    p = add("classify", cmd_classify, "zero-shot classification of images over labels", [
+        "blipkit classify scene.png -l circle square triangle star",
+        'blipkit classify photos/ -l cat dog bird --template "a picture of a {}" --template "a photo of a {}"',
+        "blipkit classify scene.png --labels-file colours.txt --head itm -k 3 --json",
+    ])
+    _add_images(p)
+    p.add_argument("-l", "--labels", nargs="+", metavar="LABEL", help="class names")
+    p.add_argument("--labels-file", metavar="FILE", help="more class names, one per line")
+    p.add_argument("--template", action="append", metavar="T",
+                   help="prompt with {} for the label; repeat to average several (default: 'a picture of {}')")
+    p.add_argument("--head", choices=["itc", "itm"], default="itc",
+                   help="itc: softmax over labels (default); itm: match probability of each label")
+    p.add_argument("-k", "--top-k", type=int, default=5, help="labels shown per image (default 5)")
+    _add_batch(p)
+
+    p = add("caption", cmd_caption, "caption images", [
+        "blipkit caption scene.png",
+        "blipkit caption photos/ --beams 5 --json",
+        'blipkit caption photo.jpg --prompt "a picture of" --sample --num-captions 3',
+    ])
+    _add_images(p)
+    p.add_argument("--prompt", default=None, help="text each caption starts with")
+    p.add_argument("--beams", type=int, default=None, help="beam width (default: the model's)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="longest caption in tokens (default: the model's)")
+    p.add_argument("--min-new-tokens", type=int, default=None, help="shortest caption in tokens (default: the model's)")
+    p.add_argument("--sample", action="store_true", help="nucleus sampling instead of beam search")
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--num-captions", type=int, default=None, help="captions per image (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="random seed when sampling")
+    _add_batch(p, 8)
+
+    p = add("ask", cmd_ask, "answer a question about each image (VQA)", [
+        'blipkit ask scene.png -q "what color is the circle?"',
+        'blipkit ask photos/ -q "how many shapes are there?" --answers zero one two three --json',
+    ])
+    _add_images(p)
+    p.add_argument("-q", "--question", required=True, help="the question, asked of every image")
+    p.add_argument("--answers", nargs="+", metavar="ANSWER", help="rank these candidate answers instead of generating")
+    p.add_argument("--answers-file", metavar="FILE", help="candidate answers, one per line")
+    p.add_argument("--beams", type=int, default=None, help="beam width (default: the model's)")
+    _add_batch(p, 8)
+
+    p = add("ground", cmd_ground, "find phrases in an image: a box per phrase from GradCAM over the ITM encoder", [
+        'blipkit ground scene.png "the red circle" "the blue square" -o boxes.png',
+        'blipkit ground scene.png "a yellow star" --layer 1 --threshold 0.4 --json',
+        'blipkit ground scene.png --texts-file phrases.txt --tokens -o tokens.png   # a map per word too',
+    ])
+    _add_images(p, one=True)
+    p.add_argument("phrases", nargs="*", metavar="PHRASE", help="phrases to find, one box each (quote each)")
+    _add_texts(p, "more phrases")
+    p.add_argument("--layer", type=int, default=None, help="cross-attention layer (default: the middle one)")
+    p.add_argument("--threshold", type=float, default=0.5, help="fraction of the map's maximum in the box (0.5)")
+    p.add_argument("--tokens", action="store_true", help="draw each token's map too")
+    p.add_argument("--maps", action="store_true", help="include the GradCAM maps in --json output")
+    _add_out(p)
+
+    p = add("attention", cmd_attention, "cross-attention maps of one layer: where each token looks in the image", [
+        'blipkit attention scene.png "a red circle left of a blue square" -o attention.png',
+        'blipkit attention scene.png "a red circle" --layer 0 --suppress-common --heads -o heads.png',
+        'blipkit attention scene.png "a red circle" --json > maps.json   # [tokens, heads, grid_h, grid_w]',
+    ])
+    _add_images(p, one=True)
+    p.add_argument("words", nargs="*", metavar="TEXT", help="the text the model reads (optional for BLIP-2)")
+    p.add_argument("-t", "--text", nargs="+", metavar="WORD", help="the text, as an option")
+    p.add_argument("--layer", type=int, default=None, help="layer index (default: the middle cross-attention layer)")
+    p.add_argument("--suppress-common", action="store_true",
+                   help="subtract each patch's minimum over tokens (removes what every token attends to)")
+    p.add_argument("--heads", action="store_true", help="draw every head, one row per token")
+    p.add_argument("--all-tokens", action="store_true", help="draw special tokens ([CLS], [SEP]) too")
+    _add_out(p)
+
+    p = add("matrix", cmd_matrix, "score every image against every text (ITC or ITM), as numbers and a heatmap", [
+        'blipkit matrix a.png b.png c.png -t "a red circle" "a blue square" -o matrix.png',
+        "blipkit matrix photos/ --texts-file captions.txt --head itm --json",
+    ])
+    _add_images(p)
+    _add_texts(p, "texts (columns)")
+    p.add_argument("--head", choices=["itc", "itm"], default="itc", help="itc: cosine (default); itm: probability")
+    _add_batch(p)
+    _add_out(p)
+
+    p = add("plot-space", cmd_plot_space, "2-D map of image and text embeddings (t-SNE, PCA or UMAP)", [
+        "blipkit plot-space photos/ -o space.png",
+        "blipkit plot-space photos/ --texts-file captions.txt --method pca -o space.png --json",
+        'blipkit plot-space -t "a red circle" "a blue circle" "a red square" "a blue square" -o words.png',
+    ])
+    _add_images(p, optional=True)
+    _add_texts(p, "texts to place", required=False)
+    p.add_argument("--method", choices=["auto", "tsne", "pca", "umap"], default="auto",
+                   help="auto: t-SNE, PCA below 5 points (umap needs umap-learn)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-thumbnails", action="store_true", help="draw images as dots")
+    _add_batch(p)
+    _add_out(p)
+
+    p = add("info", cmd_info, "model facts: parameters per part and array, layer types, configuration", [
+        "blipkit info",
+        "blipkit info --model ./my-checkpoint --arrays",
+        "blipkit info --model blip-itm-base-coco --json",
+    ])
+    p.add_argument("--arrays", action="store_true", help="list every named array with its shape and size")

@@ -1,0 +1,218 @@
+"""Grounding a phrase: GradCAM over one cross-attention layer of the ITM encoder, and a box from the map.
+
+    from blipkit.tasks import ground
+    g = ground(model, "scene.png", "the red circle")
+    g.box          # [x1, y1, x2, y2], normalised to [0, 1] (x to the right, y down)
+    g.cam.token_maps, g.cam.phrase_map   # per-token maps (T, gh, gw) and the whole-phrase map (gh, gw)
+
+GradCAM (as in ALBEF / BLIP): run the ITM head on (image, phrase) with the chosen layer's cross-attention kept,
+take the gradient of the "match" logit with respect to the attention probabilities, and average over heads the
+attention times its positive gradient. BLIP gives one map per text token; the phrase map is the mean over the word
+tokens ([CLS] / [ENC] and [SEP] left out). BLIP-2 does the same over the Q-Former's cross-attention, where the
+rows are its query tokens; the phrase map is their mean. The default layer is `attention.default_layer`.
+
+The box: the phrase map is upsampled bilinearly (`UPSAMPLE` times per patch), normalised by its maximum, cut at
+`threshold` (default 0.5 of the maximum); the box is the bounding box of the connected region (4-neighbours) that
+holds the peak. A map without any positive value gives the whole image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..base import BlipBase
+from ..errors import CapabilityError, InputError
+from .attention import (
+    SPECIAL_TOKENS,
+    find_stack,
+    keep_attention,
+    patch_grid,
+    query_labels,
+    resolve_layer,
+    single_image,
+    text_tokens,
+)
+from .common import require_head
+from .render import as_pil, grid_shape, new_figure, overlay, save, show_image
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+THRESHOLD = 0.5  # fraction of the map's maximum that belongs to the object
+UPSAMPLE = 8  # map cells per patch side before thresholding: boxes finer than the patch grid
+BOX_COLOURS = ("#ff2d2d", "#1e90ff", "#ffd700", "#32cd32", "#ff8c00", "#da70d6", "#00ced1", "#ffffff")
+
+
+@dataclass
+class GradCAM:
+    """GradCAM maps of one image and text: per token (or BLIP-2 query) and for the whole phrase."""
+
+    tokens: list[str]
+    token_maps: Tensor  # (T, gh, gw), heads averaged
+    phrase_map: Tensor  # (gh, gw)
+    layer: int
+    part: str
+    itm_logit: float  # the "match" logit that was differentiated
+    match: float  # ITM match probability
+
+    def to_dict(self, maps: bool = True) -> dict[str, Any]:
+        """JSON-ready fields (maps as nested lists when `maps`)."""
+        out: dict[str, Any] = {"part": self.part, "layer": self.layer, "tokens": self.tokens,
+                               "itm_logit": self.itm_logit, "match": self.match}
+        if maps:
+            out["phrase_map"] = self.phrase_map.tolist()
+            out["token_maps"] = self.token_maps.tolist()
+        return out
+
+
+@dataclass
+class Grounding:
+    """Where a phrase is in an image: a normalised box, the map's peak, the match probability, and the maps."""
+
+    phrase: str
+    box: list[float]  # [x1, y1, x2, y2] in [0, 1]
+    peak: list[float]  # [x, y] in [0, 1]
+    cam: GradCAM
+
+    @property
+    def match(self) -> float:
+        """ITM match probability of image and phrase."""
+        return self.cam.match
+
+    def to_dict(self, maps: bool = False) -> dict[str, Any]:
+        """JSON-ready fields; the GradCAM maps only when `maps`."""
+        out = {"phrase": self.phrase, "box": self.box, "peak": self.peak, "match": self.match, "layer": self.cam.layer}
+        return {**out, "gradcam": self.cam.to_dict(maps)} if maps else out
+
+
+def gradcam(model: BlipBase, image: Any, text: str, layer: int | None = None) -> GradCAM:
+    """GradCAM of the ITM "match" logit over the cross-attention of `layer` (see the module docstring)."""
+    require_head(model, "itm", "ground phrases")
+    if not hasattr(model, "itm_logits"):
+        raise CapabilityError(f"{model.name_or_path} has an ITM head but no itm_logits(): cannot compute GradCAM")
+    part, stack = find_stack(model, ("text_encoder", "qformer"), "ground phrases")
+    layer = resolve_layer(model, stack, layer, part)
+    _, pixels = single_image(model, image)
+    if part == "text_encoder":
+        enc = model.tokenizer.enc_token_id if getattr(model, "enc_token", False) else None
+        _, _, tokens = text_tokens(model, text, enc)
+    elif not isinstance(text, str):
+        raise InputError(f"text must be a string, got {type(text).__name__}")
+    with torch.no_grad():
+        feats = model.image_features(pixels)  # (1, 1 + P, W): itm_logits takes features; the ViT needs no graph
+    qkv = stack.layer[layer].crossattention.qkv
+    with keep_attention(qkv), torch.enable_grad():
+        feats.requires_grad_(True)  # a graph up to the attention even when every weight is frozen
+        logits = model.itm_logits(feats, [text])[0, 0]  # (2,)
+        probs = qkv.attention_probs
+        if probs is None or not probs.requires_grad:
+            raise CapabilityError(f"{part} layer {layer}: the ITM pass kept no differentiable attention")
+        (grad,) = torch.autograd.grad(logits[1], probs)
+    cam = (probs.detach() * grad.clamp(min=0))[0].float().mean(dim=0).cpu()  # (T, 1 + P), heads averaged
+    gh, gw = patch_grid(model, pixels, cam.shape[-1])
+    token_maps = cam[:, 1:].reshape(-1, gh, gw)
+    if part == "qformer":
+        tokens = query_labels(token_maps.shape[0])
+        words = list(range(len(tokens)))
+    else:
+        words = [i for i, t in enumerate(tokens) if t not in SPECIAL_TOKENS] or list(range(len(tokens)))
+    phrase_map = token_maps[words].mean(dim=0)
+    logits = logits.detach().float()
+    logit, match = float(logits[1]), float(logits.softmax(-1)[1])
+    return GradCAM(tokens, token_maps, phrase_map, layer, part, logit, match)
+
+
+def _component(mask: np.ndarray, seed: tuple[int, int]) -> np.ndarray:
+    """The 4-connected region of `mask` that contains `seed` (grown by repeated one-cell dilation)."""
+    region = np.zeros_like(mask)
+    region[seed] = True
+    while True:
+        grown = region.copy()
+        grown[1:] |= region[:-1]
+        grown[:-1] |= region[1:]
+        grown[:, 1:] |= region[:, :-1]
+        grown[:, :-1] |= region[:, 1:]
+        grown &= mask
+        if np.array_equal(grown, region):
+            return region
+        region = grown
+
+
+def box_from_map(
+    heat: Tensor, threshold: float = THRESHOLD, upsample: int = UPSAMPLE
+) -> tuple[list[float], list[float]]:
+    """(box [x1, y1, x2, y2], peak [x, y]), normalised to [0, 1], of the region around the map's maximum."""
+    if not 0.0 < threshold < 1.0:
+        raise InputError(f"threshold={threshold}: use a fraction of the map's maximum between 0 and 1")
+    heat = torch.as_tensor(heat).detach().float().clamp(min=0)
+    if heat.dim() != 2:
+        raise InputError(f"a map is (grid_h, grid_w), got shape {tuple(heat.shape)}")
+    if float(heat.max()) <= 0:
+        return [0.0, 0.0, 1.0, 1.0], [0.5, 0.5]
+    up = F.interpolate(heat[None, None], scale_factor=upsample, mode="bilinear", align_corners=False)[0, 0].numpy()
+    h, w = up.shape
+    peak = np.unravel_index(int(up.argmax()), up.shape)
+    region = _component(up >= threshold * up.max(), peak)
+    ys, xs = np.nonzero(region)
+    box = [xs.min() / w, ys.min() / h, (xs.max() + 1) / w, (ys.max() + 1) / h]
+    return [round(float(v), 6) for v in box], [round(float(peak[1] + 0.5) / w, 6), round(float(peak[0] + 0.5) / h, 6)]
+
+
+def ground(
+    model: BlipBase, image: Any, phrase: str, layer: int | None = None, threshold: float = THRESHOLD
+) -> Grounding:
+    """Box [x1, y1, x2, y2] (normalised to [0, 1]) of `phrase` in one image, from its GradCAM phrase map."""
+    if not isinstance(phrase, str) or not phrase.strip():
+        raise InputError(f"phrase {phrase!r} is empty: give the words to find")
+    cam = gradcam(model, image, phrase, layer)
+    box, peak = box_from_map(cam.phrase_map, threshold)
+    return Grounding(phrase, box, peak, cam)
+
+
+def render_grounding(
+    groundings: list[Grounding], image: Any, path: str | Path | None = None, tokens: bool = False,
+    processor: Any = None,
+) -> Figure:
+    """The image with every phrase's box, then each phrase's GradCAM map (and, with `tokens`, each token's)."""
+    from matplotlib.patches import Rectangle
+
+    picture = as_pil(image, processor)
+    w, h = picture.size
+
+    def draw_box(ax, g: Grounding, colour: str) -> Rectangle:
+        x1, y1, x2, y2 = g.box[0] * w, g.box[1] * h, g.box[2] * w, g.box[3] * h
+        return ax.add_patch(Rectangle((x1 - 0.5, y1 - 0.5), x2 - x1, y2 - y1, fill=False, edgecolor=colour,
+                                      linewidth=2.5, label=g.phrase))
+
+    panels: list[tuple[Grounding, np.ndarray, str, bool]] = []
+    for g in groundings:
+        panels.append((g, g.cam.phrase_map.numpy(), f"{g.phrase}\nmatch {g.match:.2f}", True))
+        if tokens:
+            for t, name in enumerate(g.cam.tokens):
+                if name not in SPECIAL_TOKENS:
+                    panels.append((g, g.cam.token_maps[t].numpy(), name, False))
+    nr, nc = grid_shape(len(panels) + 1, max_cols=5)
+    fig = new_figure(width=2.6 * nc, height=2.8 * nr + 0.4)
+    ax = fig.add_subplot(nr, nc, 1)
+    show_image(ax, picture, "boxes")
+    handles = [draw_box(ax, g, BOX_COLOURS[i % len(BOX_COLOURS)]) for i, g in enumerate(groundings)]
+    if handles:
+        ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), fontsize=8, frameon=False)
+    colours = {id(g): BOX_COLOURS[i % len(BOX_COLOURS)] for i, g in enumerate(groundings)}
+    for k, (g, heat, title, with_box) in enumerate(panels):
+        ax = fig.add_subplot(nr, nc, k + 2)
+        overlay(ax, picture, heat, title)
+        if with_box:
+            draw_box(ax, g, colours[id(g)])
+    if groundings:
+        fig.suptitle(f"GradCAM, {groundings[0].cam.part} layer {groundings[0].cam.layer}", fontsize=11)
+    if path is not None:
+        save(fig, path)
+    return fig

@@ -1,0 +1,362 @@
+"""Training: each loss on hand-checkable inputs, data readers and their errors, the loop (loss goes down, exact
+resume, interruption, architecture mismatch), Hub-format output read by blipkit and transformers, DDP."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+import blipkit
+from blipkit.cli import main as cli
+from blipkit.data.scenes import write_dataset
+from blipkit.errors import CheckpointError, InputError
+from blipkit.train import data as tdata
+from blipkit.train import loop
+from blipkit.train.losses import Objectives, itc_loss, itm_loss, lm_loss, sample_hard_negatives
+from blipkit.train.model import scratch_model
+from blipkit.train.vocab import SPECIALS, build_tokenizer
+
+# ------------------------------------------------------------------------------------------------ losses
+
+
+def test_itc_loss_by_hand():
+    emb = torch.eye(2)
+    p = math.e / (math.e + 1)  # softmax([1, 0])[0] at temperature 1
+    assert itc_loss(emb, emb, 1.0).item() == pytest.approx(-math.log(p), abs=1e-6)
+    smoothed = -(0.95 * math.log(p) + 0.05 * math.log(1 - p))  # 0.1 spread over 2 columns
+    assert itc_loss(emb, emb, 1.0, label_smoothing=0.1).item() == pytest.approx(smoothed, abs=1e-6)
+    # two positives in a row: each gets half the target mass
+    pos = torch.tensor([[True, True], [True, True]])
+    assert itc_loss(emb, emb, 1.0, positives=pos).item() == pytest.approx(
+        -(0.5 * math.log(p) + 0.5 * math.log(1 - p)), abs=1e-6
+    )
+    # a lower temperature sharpens: the loss of the right pairing falls
+    assert itc_loss(emb, emb, 0.1).item() < itc_loss(emb, emb, 1.0).item()
+
+
+def test_hard_negatives_never_positive():
+    sim = torch.tensor([[5.0, 4.0, -9.0], [0.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    pos = torch.tensor([[True, False, True], [False, True, False], [True, True, True]])
+    for _ in range(20):
+        neg = sample_hard_negatives(sim, pos)
+        assert neg[0] == 1  # the only non-positive column
+        assert neg[1] in (0, 2)
+        assert neg[2] == -1  # every column positive: no negative
+    # the hardest negative (highest similarity) is drawn most often
+    g = torch.Generator().manual_seed(0)
+    draws = [int(sample_hard_negatives(torch.tensor([[0.0, 3.0, 0.0, 0.0]]),
+                                       torch.tensor([[True, False, False, False]]), g)[0]) for _ in range(200)]
+    assert draws.count(1) > 150
+
+
+def test_itm_and_lm_loss_by_hand():
+    assert itm_loss(torch.zeros(3, 2), torch.tensor([1, 0, 1])).item() == pytest.approx(math.log(2), abs=1e-6)
+    V = 7
+    ids = torch.tensor([[5, 1, 2, 3], [5, 4, 3, 0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
+    logits = torch.zeros(2, 4, V)
+    assert lm_loss(logits, ids, mask).item() == pytest.approx(math.log(V), abs=1e-6)  # uniform: log V per token
+    logits[0, 0, 1] = logits[0, 1, 2] = logits[0, 2, 3] = 100.0  # row 0 predicted perfectly
+    logits[1, 0, 4] = logits[1, 1, 3] = 100.0
+    logits[1, 2, 6] = 100.0  # predicts after the last real token: padding, ignored
+    assert lm_loss(logits, ids, mask).item() == pytest.approx(0.0, abs=1e-6)
+    # label smoothing 0.1 over V classes on a perfect prediction costs -(0.9 + 0.1/V) log(1) - ... > 0
+    assert lm_loss(logits, ids, mask, label_smoothing=0.1).item() > 1.0
+    # a prompt's tokens are not predicted
+    bad = logits.clone()
+    bad[:, 0] = 0.0
+    assert lm_loss(bad, ids, mask, prompt_length=2).item() == pytest.approx(0.0, abs=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("scenes")
+    write_dataset(root, n_train=48, n_val=4, n_test=12, seed=3, image_size=32, progress=False)
+    return root
+
+
+def _tiny(scenes_dir: Path, seed: int = 0):
+    items = tdata.load_items(scenes_dir, "train").items
+    texts = [c for it in items for c in it.captions] + [t for it in items for q, a in it.qa for t in (q, *a)]
+    return scratch_model("tiny", build_tokenizer(texts), seed=seed), items
+
+
+def _cfg(out: Path, **kw) -> loop.TrainConfig:
+    base = dict(out=out, steps=6, batch_size=8, lr=1e-3, warmup=2, save_every=3, progress=False, log_every=1)
+    return loop.TrainConfig(**{**base, **kw})
+
+
+def test_objectives_all_losses(scenes):
+    model, items = _tiny(scenes)
+    collate = tdata.Collate(model.tokenizer, 40)
+    ds = tdata.ItemDataset(items, model.processor, 0)
+    batch = collate([ds[(0, i)] for i in range(6)])
+    losses = Objectives(model)(batch)
+    assert set(losses) == {"itc", "itm", "lm", "vqa"}
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    assert model.vision_model.embeddings.patch_embedding.weight.grad.abs().sum() > 0
+
+
+COLOURS = ("red", "blue", "green", "yellow", "purple", "orange", "white", "black")
+
+
+def test_lm_filter_picks_the_captioning_target(scenes):
+    model, items = _tiny(scenes)
+    ds = tdata.ItemDataset(items, model.processor, 0, lm_filter=rf"\b({'|'.join(COLOURS)})\b")
+    batch = tdata.Collate(model.tokenizer, 40)([ds[(0, i)] for i in range(12)])
+    named = [any(c in cap.split() for cap in items[i].captions for c in COLOURS) for i in range(12)]
+    targets = model.tokenizer.batch_decode(batch["lm_ids"])
+    assert sum(named) >= 6
+    for row, text in zip(batch["lm_rows"].tolist(), targets, strict=True):
+        assert any(c in text.split() for c in COLOURS) or not named[row], text
+    assert "lm" in Objectives(model)(batch)
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+
+
+def test_training_reduces_loss(scenes, tmp_path):
+    model, items = _tiny(scenes)
+    loop.train(model, items, _cfg(tmp_path, steps=40, warmup=5, lr=2e-3, save_every=100, log_every=1))
+    rows = [json.loads(line) for line in (tmp_path / loop.LOG_FILE).read_text().splitlines()]
+    first = sum(r["loss"] for r in rows[:5]) / 5
+    last = sum(r["loss"] for r in rows[-5:]) / 5
+    assert last < first - 0.5, (first, last)
+    for name in ("lm", "vqa"):
+        assert sum(r[name] for r in rows[-5:]) < sum(r[name] for r in rows[:5])
+
+
+def test_resume_is_exact(scenes, tmp_path):
+    a, items = _tiny(scenes)
+    loop.train(a, items, _cfg(tmp_path / "a"))
+    b, _ = _tiny(scenes)
+    r1 = loop.train(b, items, _cfg(tmp_path / "b", stop_after=3))
+    assert r1.step == 3
+    c, _ = _tiny(scenes, seed=1)  # different initial weights: everything must come from the checkpoint
+    r2 = loop.train(c, items, _cfg(tmp_path / "b"))
+    assert r2.step == 6
+    for (name, p), q in zip(a.named_parameters(), c.parameters(), strict=True):
+        assert torch.equal(p, q), name
+    # the Hub-format output of the resumed run equals the uninterrupted one
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+
+
+def test_crash_loses_only_steps_since_checkpoint(scenes, tmp_path, monkeypatch):
+    model, items = _tiny(scenes)
+    real = loop.batches
+
+    def crashing(*args, **kw):
+        it = real(*args, **kw)
+        for _ in range(5):
+            yield next(it)
+        raise RuntimeError("power cut")
+
+    monkeypatch.setattr(loop, "batches", crashing)
+    with pytest.raises(RuntimeError, match="power cut"):
+        loop.train(model, items, _cfg(tmp_path, save_every=2))
+    monkeypatch.setattr(loop, "batches", real)
+    state = torch.load(tmp_path / loop.STATE_FILE, weights_only=False)
+    assert state["step"] == 4  # the last checkpoint before the crash at step 5
+    fresh, _ = _tiny(scenes)
+    assert loop.train(fresh, items, _cfg(tmp_path, save_every=2)).step == 6
+
+
+def test_resume_other_architecture_is_an_error(scenes, tmp_path):
+    model, items = _tiny(scenes)
+    loop.train(model, items, _cfg(tmp_path, steps=2, save_every=2))
+    other = scratch_model(loop_arch_wider(), model.tokenizer)
+    with pytest.raises(CheckpointError, match="different architecture.*hidden_size"):
+        loop.train(other, items, _cfg(tmp_path, steps=4))
+
+
+def loop_arch_wider():
+    import dataclasses
+
+    from blipkit.train.model import ARCHS
+
+    return dataclasses.replace(ARCHS["tiny"], width=48, heads=2)
+
+
+# ------------------------------------------------------------------------------------------------ output format
+
+
+def test_tokenizer_roundtrip_and_transformers(tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = build_tokenizer(["A red circle left of two blue squares.", "how many objects are there?"])
+    assert [tok.token_to_id(t) for t in SPECIALS] == list(range(len(SPECIALS)))
+    assert tok.pad_token_id == 0 and tok.bos_token_id == tok.token_to_id("[DEC]")
+    tok.save(tmp_path)
+    again = blipkit.processing.Tokenizer.from_dir(tmp_path)
+    texts = ["a red circle", "Two BLUE squares, left of it", "zebra"]  # unseen words are spelled, not [UNK]
+    ids, _ = again(texts)
+    assert torch.equal(ids, tok(texts)[0])
+    assert tok.token_to_id("[UNK]") not in ids.tolist()[2]
+    hf = AutoTokenizer.from_pretrained(str(tmp_path))
+    assert hf(texts, padding=True, return_tensors="pt")["input_ids"].tolist() == ids.tolist()
+    assert again.decode(ids[1]) == "two blue squares, left of it"
+
+
+def test_saved_model_reads_in_blipkit_and_transformers(scenes, tmp_path):
+    from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval, BlipImageProcessor
+
+    model, items = _tiny(scenes)
+    loop.train(model, items, _cfg(tmp_path, steps=3))
+    again = blipkit.load(tmp_path)
+    image = str(items[0].image)
+    with torch.no_grad():
+        assert torch.allclose(again.match(image, ["a red circle"]), model.match(image, ["a red circle"]), atol=1e-6)
+        pixels = BlipImageProcessor.from_pretrained(tmp_path)(image, return_tensors="pt")["pixel_values"]
+        assert (pixels - again.pixels(image)).abs().max() < 0.05  # torchvision vs PIL resize of a 32-px image
+        pixels = again.pixels(image)
+        ids, mask = again.tokens(["a red circle"])
+        itm = BlipForImageTextRetrieval.from_pretrained(tmp_path).eval()
+        ref = itm(input_ids=ids, attention_mask=mask, pixel_values=pixels).itm_score.softmax(-1)[:, 1]
+        assert torch.allclose(ref, again.match(pixels, ["a red circle"])[0], atol=1e-5)
+        cap = BlipForConditionalGeneration.from_pretrained(tmp_path).eval()
+        dec = ids.clone()
+        dec[:, 0] = again.config.text_config.bos_token_id
+        ref_logits = cap(pixel_values=pixels, input_ids=dec, attention_mask=mask).logits
+        ours, _ = again.text_decoder(dec, attention_mask=mask, context=again.image_features(pixels))
+        assert (ref_logits - ours).abs().max() < 1e-4
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+def test_karpathy_errors_name_the_entry(scenes, tmp_path):
+    entries = json.loads((scenes / "annotations" / "train.json").read_text())[:4]
+    entries[1] = {**entries[1], "image": "images/train/missing.png"}
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps(entries))
+    with pytest.raises(InputError, match=r"entry 1 \(images/train/missing.png\).*does not exist"):
+        tdata.read_karpathy(path, image_root=scenes)
+    del entries[2]["caption"]
+    path.write_text(json.dumps(entries))
+    with pytest.raises(InputError, match="entry 2: needs 'image' .* and 'caption'"):
+        tdata.read_karpathy(path, image_root=scenes)
+    loaded = tdata.read_karpathy(path, image_root=scenes, skip_bad=True)
+    assert (len(loaded.items), loaded.skipped) == (2, 2)
+
+
+def test_cli_bad_data_one_line_and_skip_bad(scenes, tmp_path, capsys):
+    entries = json.loads((scenes / "annotations" / "train.json").read_text())[:17]
+    entries[3] = {**entries[3], "image": "images/train/nope.png"}
+    path = scenes / "bad_train.json"
+    path.write_text(json.dumps(entries))
+    args = ["train", "--data", str(path), "--arch", "tiny", "--out", str(tmp_path), "--steps", "1",
+            "--batch-size", "8", "--objectives", "itc,itm,lm"]
+    assert cli(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "entry 3 (images/train/nope.png)" in err and "--skip-bad" in err
+    assert cli([*args, "--skip-bad", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["skipped"] == 1 and out["step"] == 1
+
+
+def test_original_karpathy_and_folder_formats(scenes, tmp_path):
+    entries = json.loads((scenes / "annotations" / "train.json").read_text())[:3]
+    original = {"dataset": "coco", "images": [
+        {"filepath": str(Path(e["image"]).parent), "filename": Path(e["image"]).name, "split": s,
+         "sentences": [{"raw": c, "tokens": c.split()} for c in e["caption"]]}
+        for e, s in zip(entries, ("train", "restval", "test"), strict=True)]}
+    path = tmp_path / "dataset_coco.json"
+    path.write_text(json.dumps(original))
+    loaded = tdata.read_karpathy(path, image_root=scenes, split="train")
+    assert len(loaded.items) == 2 and loaded.items[0].captions == entries[0]["caption"]
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for i, e in enumerate(entries):
+        shutil.copy(scenes / e["image"], folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text("\n".join(e["caption"]))
+    (folder / "3.png").write_bytes((scenes / entries[0]["image"]).read_bytes())  # no captions
+    with pytest.raises(InputError, match="3.png: no captions"):
+        tdata.read_folder(folder)
+    assert len(tdata.read_folder(folder, skip_bad=True).items) == 3
+
+
+def test_metadata_folder_and_vqa_attach(scenes, tmp_path):
+    entries = json.loads((scenes / "annotations" / "train.json").read_text())[:3]
+    folder = tmp_path / "meta"
+    folder.mkdir()
+    lines = []
+    for i, e in enumerate(entries):
+        shutil.copy(scenes / e["image"], folder / f"{i}.png")
+        lines.append(json.dumps({"file_name": f"{i}.png", "text": e["caption"][0]}))
+    lines.append(json.dumps({"file_name": "gone.png", "text": "a red circle"}))
+    (folder / "metadata.jsonl").write_text("\n".join(lines))
+    with pytest.raises(InputError, match="metadata.jsonl line 4.*gone.png does not exist"):
+        tdata.read_folder(folder)
+    assert len(tdata.read_folder(folder, skip_bad=True).items) == 3
+    vqa = tmp_path / "vqa.json"
+    vqa.write_text(json.dumps([{"image": "0.png", "question": "how many shapes are there?", "answer": "two"},
+                               {"image": "1.png", "question": "what color is it?"}]))
+    with pytest.raises(InputError, match="vqa.json: entry 1: needs 'image', 'question' and 'answer'"):
+        tdata.read_vqa(vqa)
+    loaded = tdata.load_items(folder, vqa=vqa, skip_bad=True)
+    assert loaded.skipped == 2 and loaded.items[0].qa == [("how many shapes are there?", ["two"])]
+
+
+def test_tar_shards_stream_and_resume(scenes, tmp_path):
+    entries = json.loads((scenes / "annotations" / "train.json").read_text())
+    qa = json.loads((scenes / "annotations" / "train_vqa.json").read_text())
+    for s in range(3):
+        with tarfile.open(tmp_path / f"shard-{s:03d}.tar", "w") as tar:
+            for e in entries[s * 16 : (s + 1) * 16]:
+                key = Path(e["image"]).stem
+                tar.add(scenes / e["image"], arcname=f"{key}.png")
+                q = next(x for x in qa if x["image"] == e["image"])
+                meta = tmp_path / f"{key}.json"
+                meta.write_text(json.dumps({"captions": e["caption"], "question": q["question"],
+                                            "answer": q["answer"]}))
+                tar.add(meta, arcname=f"{key}.json")
+    spec = str(tmp_path / "shard-{000..002}.tar")
+    assert len(tdata.expand_shards(spec)) == 3
+    model, _ = _tiny(scenes)
+    collate = tdata.Collate(model.tokenizer, 40)
+    stream = tdata.ShardStream(tdata.expand_shards(spec), model.processor, seed=0, buffer=8)
+    full = tdata.stream_batches(stream, collate, 8, 0)
+    batches = [next(full) for _ in range(8)]  # 64 samples: more than one pass over the 48
+    resumed = next(tdata.stream_batches(stream, collate, 8, 7))
+    for key in ("pixels", "caption_ids", "question_ids", "answer_ids"):
+        assert torch.equal(resumed[key], batches[7][key])
+    result = loop.train(model, spec, _cfg(tmp_path / "run", steps=2))
+    assert result.step == 2 and set(result.losses) >= {"itc", "itm", "lm", "vqa"}
+
+
+# ------------------------------------------------------------------------------------------------ DDP
+
+
+def test_ddp_two_processes(scenes, tmp_path):
+    """torchrun with two CPU processes (gloo): both train in lockstep and the result resumes in one process."""
+    script = tmp_path / "ddp_train.py"
+    script.write_text(
+        "import sys, torch\n"
+        "from blipkit.cli import main\n"
+        "torch.set_num_threads(1)\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+           str(script), "train", "--data", str(scenes), "--arch", "tiny", "--out", str(out), "--steps", "3",
+           "--batch-size", "4", "--save-every", "3", "--json"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    state = torch.load(out / loop.STATE_FILE, weights_only=False)
+    assert state["step"] == 3 and state["world_size"] == 2 and len(state["rng"]) == 2
+    model = blipkit.load(out)
+    assert model.config.parts == tuple(state["config"]["blipkit_parts"])
