@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from .errors import BlipkitError
@@ -20,7 +21,9 @@ DEFAULT_MODEL = "scenes-blip"
 def common_parser() -> argparse.ArgumentParser:
     """Flags every subcommand takes."""
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--model", default=DEFAULT_MODEL, help=f"model name, directory or Hub id (default: {DEFAULT_MODEL})")
+    common.add_argument(
+        "--model", default=DEFAULT_MODEL, help=f"model name, directory or Hub id (default: {DEFAULT_MODEL})"
+    )
     common.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps ... (default: cpu)")
     common.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="weights dtype")
     common.add_argument("--json", action="store_true", help="machine-readable output on stdout")
@@ -58,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"blipkit {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the output went to a reader that stopped early (`| head`): quietly done
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

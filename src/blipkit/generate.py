@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .errors import InputError
+
 Step = Callable[[Tensor, Any], tuple[Tensor, Any]]
 NEG = -1.0e9
 
@@ -39,21 +41,21 @@ class GenerationConfig:
     early_stopping: bool = False
 
     def check(self) -> None:
-        """Raise ValueError naming the first option out of range."""
+        """Raise InputError naming the first option out of range."""
         if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+            raise InputError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:
-            raise ValueError(f"min_new_tokens must be in [0, max_new_tokens], got {self.min_new_tokens}")
+            raise InputError(f"min_new_tokens must be in [0, max_new_tokens], got {self.min_new_tokens}")
         if self.num_beams < 1:
-            raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
+            raise InputError(f"num_beams must be >= 1, got {self.num_beams}")
         if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+            raise InputError(f"temperature must be > 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+            raise InputError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if self.num_beams > 1 and self.num_return_sequences > self.num_beams:
-            raise ValueError(
+            raise InputError(
                 f"num_return_sequences ({self.num_return_sequences}) cannot exceed num_beams ({self.num_beams})"
             )
 
