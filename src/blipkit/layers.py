@@ -28,6 +28,20 @@ class QuickGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)
 
 
+def embedding(num: int, dim: int, padding_idx: int | None = None) -> nn.Embedding:
+    """nn.Embedding, N(0, 1)-initialised as torch does, but built without initialising when on the meta device.
+
+    (Initialising an embedding on the meta device pulls in torch's compiler stack: a second of start-up.)
+    """
+    weight = torch.empty(num, dim)
+    if weight.device.type != "meta":
+        with torch.no_grad():
+            weight.normal_()
+            if padding_idx is not None:
+                weight[padding_idx].zero_()
+    return nn.Embedding(num, dim, padding_idx=padding_idx, _weight=weight)
+
+
 def split_heads(x: Tensor, heads: int) -> Tensor:
     """(B, T, H) -> (B, nh, T, hs)."""
     B, T, H = x.shape

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import TextConfig
-from .layers import padding_mask
+from .layers import embedding, padding_mask
 from .text import TextEncoder
 
 
@@ -21,8 +21,8 @@ class QFormerEmbeddings(nn.Module):
 
     def __init__(self, cfg: TextConfig):
         super().__init__()
-        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id)
-        self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.word_embeddings = embedding(cfg.vocab_size, cfg.hidden_size, cfg.pad_token_id)
+        self.position_embeddings = embedding(cfg.max_position_embeddings, cfg.hidden_size)
 
     def forward(self, input_ids: Tensor) -> Tensor:
         """Embeddings (B, T, H) of right-padded ids (B, T)."""

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import TextConfig
-from .layers import activation, attend, causal_mask, merge_heads, padding_mask, split_heads
+from .layers import activation, attend, causal_mask, embedding, merge_heads, padding_mask, split_heads
 
 LayerCache = tuple[Tensor, Tensor, Tensor | None, Tensor | None]
 
@@ -181,8 +181,8 @@ class TextEmbeddings(nn.Module):
 
     def __init__(self, cfg: TextConfig):
         super().__init__()
-        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id)
-        self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.word_embeddings = embedding(cfg.vocab_size, cfg.hidden_size, cfg.pad_token_id)
+        self.position_embeddings = embedding(cfg.max_position_embeddings, cfg.hidden_size)
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.dropout = nn.Dropout(0.0)
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import CheckpointError, InputError
+from ..layers import embedding
 
 KV = tuple[Tensor, Tensor]  # cached keys and values of one layer, each (B, nh, S, hs)
 Step = Callable[[Tensor, Any], tuple[Tensor, Any]]
@@ -132,7 +133,7 @@ class OPTDecoder(nn.Module):
     def __init__(self, cfg: OPTConfig) -> None:
         super().__init__()
         proj = cfg.word_embed_proj_dim != cfg.hidden_size
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.word_embed_proj_dim, cfg.pad_token_id)
+        self.embed_tokens = embedding(cfg.vocab_size, cfg.word_embed_proj_dim, cfg.pad_token_id)
         self.embed_positions = OPTLearnedPositionalEmbedding(cfg.max_position_embeddings, cfg.hidden_size)
         self.project_out = nn.Linear(cfg.hidden_size, cfg.word_embed_proj_dim, bias=False) if proj else None
         self.project_in = nn.Linear(cfg.word_embed_proj_dim, cfg.hidden_size, bias=False) if proj else None

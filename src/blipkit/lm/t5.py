@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import CheckpointError, InputError
+from ..layers import embedding
 
 KV = tuple[Tensor, Tensor]  # keys and values of one attention layer, each (B, nh, S, hs)
 Step = Callable[[Tensor, Any], tuple[Tensor, Any]]
@@ -143,7 +144,7 @@ class T5Attention(nn.Module):
         self.v = nn.Linear(cfg.d_model, inner, bias=False)
         self.o = nn.Linear(inner, cfg.d_model, bias=False)
         if has_relative_attention_bias:
-            self.relative_attention_bias = nn.Embedding(self.num_buckets, cfg.num_heads)
+            self.relative_attention_bias = embedding(self.num_buckets, cfg.num_heads)
 
     def compute_bias(self, q_len: int, k_len: int, past_len: int = 0) -> Tensor:
         """Relative position bias (1, nh, q_len, k_len) for queries starting at position past_len."""
@@ -300,7 +301,7 @@ class T5ForConditionalGeneration(nn.Module):
     def __init__(self, cfg: T5Config) -> None:
         super().__init__()
         self.config = cfg
-        self.shared = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.shared = embedding(cfg.vocab_size, cfg.d_model)
         self.encoder = T5Stack(cfg, self.shared, cfg.num_layers, is_decoder=False)
         self.decoder = T5Stack(cfg, self.shared, cfg.num_decoder_layers, is_decoder=True)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
