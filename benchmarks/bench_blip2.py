@@ -1,14 +1,15 @@
 """blipkit vs transformers on identical BLIP-2 weights and inputs, printing ratios (> 1 means blipkit is faster).
 
-    python benchmarks/bench_blip2.py                          # everything (about 10 minutes on 2 cores)
+    python benchmarks/bench_blip2.py                          # everything (20-30 minutes on 2 busy cores)
     python benchmarks/bench_blip2.py --only retrieval generation
     python benchmarks/bench_blip2.py --only loading --rss-gb 6
     python benchmarks/bench_blip2.py --no-itm-naive           # skip the slow reference ITM run (ViT per text)
 
 Mid-size config (fits 2 cores): ViT 768 wide x 12 layers at 224 px (257 tokens), the real Q-Former (768 wide,
 12 layers, 32 queries, cross-attention every 2nd layer), OPT-125m-sized and Flan-T5-small-sized language models
-with their real vocabularies. Measures Q-Former features, ITM of one image against 100 texts, greedy generation
-tokens/s (OPT and T5), and the peak RSS of loading a multi-GB random checkpoint in bfloat16 and float32.
+with their real vocabularies (and 4-layer versions of them, where per-step overhead shows). Measures Q-Former
+features, ITM of one image against 100 texts, greedy generation tokens/s (OPT and T5), and the peak RSS of loading
+a multi-GB random checkpoint in bfloat16 and float32.
 """
 
 from __future__ import annotations
@@ -52,8 +53,8 @@ def row(name: str, ours: float, ref: float, unit: str = "s", higher_is_better: b
     print(f"{name:<52} blipkit {ours:9.4f} {unit}   transformers {ref:9.4f} {unit}   ratio {ratio:6.2f}x")
 
 
-def mid_config(lm: str, tok):
-    """A transformers Blip2Config of the benchmark's mid size ("opt", "t5" or "itm")."""
+def mid_config(lm: str, tok, small_lm: bool = False):
+    """A transformers Blip2Config of the benchmark's mid size ("opt", "t5" or "itm"); optionally a 4-layer LM."""
     from transformers import Blip2Config
 
     vision = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
@@ -67,10 +68,14 @@ def mid_config(lm: str, tok):
                    feed_forward_proj="gated-gelu", tie_word_embeddings=False, bos_token_id=1),
         "itm": None,
     }[lm]  # fmt: skip
+    if small_lm and lm == "opt":
+        text.update(hidden_size=256, num_hidden_layers=4, ffn_dim=1024, num_attention_heads=4, word_embed_proj_dim=256)
+    elif small_lm and lm == "t5":
+        text.update(d_model=256, d_kv=32, d_ff=512, num_layers=4, num_heads=8)
     return Blip2Config(vision_config=vision, qformer_config=qformer, text_config=text, image_token_index=image_token)
 
 
-def build(lm: str, directory: str):
+def build(lm: str, directory: str, small_lm: bool = False):
     """Random reference model saved with its tokenizer; returns (blipkit model, reference model, tokenizer)."""
     from transformers import Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval
 
@@ -80,13 +85,13 @@ def build(lm: str, directory: str):
     tok = {"opt": gpt2_tokenizer, "t5": t5_tokenizer, "itm": itm_tokenizer}[lm]()
     cls = Blip2ForImageTextRetrieval if lm == "itm" else Blip2ForConditionalGeneration
     torch.manual_seed(0)
-    ref = cls(mid_config(lm, tok)).eval()
+    ref = cls(mid_config(lm, tok, small_lm)).eval()
     ref.save_pretrained(directory)
     tok.save_pretrained(directory)
     return blipkit.load(directory), cls.from_pretrained(directory).eval(), tok
 
 
-def bench_retrieval(naive: bool) -> None:
+def bench_retrieval(naive: bool, repeat: int) -> None:
     """Q-Former features and ITM of one image against 100 texts."""
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
         ours, ref, tok = build("itm", tmp)
@@ -96,7 +101,7 @@ def bench_retrieval(naive: bool) -> None:
             image = ref.vision_model(pixel_values=px).last_hidden_state
             return ref.qformer(query_embeds=ref.query_tokens.expand(px.shape[0], -1, -1), encoder_hidden_states=image)
 
-        t_ours, t_ref = compare(lambda: ours.qformer_features(pixels), lambda: ref_qformer(pixels))
+        t_ours, t_ref = compare(lambda: ours.qformer_features(pixels), lambda: ref_qformer(pixels), repeat=repeat)
         row("Q-Former features, 4 images (ViT + Q-Former)", t_ours / 4, t_ref / 4, "s/img")
         diff = (ours.qformer_features(pixels) - ref_qformer(pixels).last_hidden_state).abs().max()
         print(f"{'  max |difference|':<52} {float(diff):.2e}")
@@ -119,7 +124,7 @@ def bench_retrieval(naive: bool) -> None:
                       attention_mask=enc.attention_mask, use_image_text_matching_head=True)  # fmt: skip
             return out.logits_per_image
 
-        t_ours, t_cached = compare(lambda: ours.match(image, texts), ref_cached)
+        t_ours, t_cached = compare(lambda: ours.match(image, texts), ref_cached, repeat=repeat)
         row("ITM 1 image x 100 texts (tf: image encoded once)", t_ours, t_cached)
         if naive:
             t_call = timed(ref_call, 1)
@@ -128,26 +133,33 @@ def bench_retrieval(naive: bool) -> None:
         print(f"{'  max |logit difference|':<52} {float(diff):.2e}")
 
 
-def bench_generation(lm: str) -> None:
-    """Greedy tokens/s of `generate` with an instruction prompt, vision and Q-Former included."""
+def bench_generation(lm: str, repeat: int, small_lm: bool = False) -> None:
+    """Greedy tokens/s of `generate` with an instruction prompt (ViT and Q-Former included), and per new token.
+
+    Runs of 1 and 33 new tokens are interleaved; the time per token after the first is their difference, which
+    leaves out the image encoding and the prompt's prefill.
+    """
     from blipkit.generate import GenerationConfig
 
-    n_new, prompt = 32, "Question: what is in the picture? Answer:"
+    n_new, prompt = 33, "Question: what is in the picture? Answer:"
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
-        ours, ref, tok = build(lm, tmp)
+        ours, ref, tok = build(lm, tmp, small_lm)
         image = torch.randn(1, 3, 224, 224)
         ids = torch.tensor([[ours.config.image_token_index] * ours.config.num_query_tokens + tok(prompt).input_ids])
+
+        def runs(n: int):
+            kw = dict(max_new_tokens=n, min_new_tokens=n, num_beams=1)
+            return (
+                lambda: ours.generate(image, prompt, **kw),
+                lambda: ref.generate(pixel_values=image, input_ids=ids, **kw),
+            )
+
+        one_ours, one_ref, all_ours, all_ref = compare(*runs(1), *runs(n_new), repeat=repeat)
+        name = f"greedy generation {lm.upper()}{' (4-layer LM)' if small_lm else ''}, {n_new} tokens"
+        row(name, n_new / all_ours, n_new / all_ref, "tok/s", True)
+        per_ours, per_ref = (all_ours - one_ours) / (n_new - 1), (all_ref - one_ref) / (n_new - 1)
+        row("  per token after the first", per_ours * 1000, per_ref * 1000, "ms")
         kw = dict(max_new_tokens=n_new, min_new_tokens=n_new, num_beams=1)
-        t_ours, t_ref, prefix = compare(
-            lambda: ours.generate(image, prompt, **kw),
-            lambda: ref.generate(pixel_values=image, input_ids=ids, **kw),
-            lambda: ours.prefix_embeds(image),
-        )
-        row(f"greedy generation {lm.upper()}, {n_new} tokens", n_new / t_ours, n_new / t_ref, "tok/s", True)
-        print(
-            f"{'  per token excl. ViT + Q-Former, blipkit / tf':<52} {(t_ours - prefix) / n_new * 1000:.1f} ms / "
-            f"{(t_ref - prefix) / n_new * 1000:.1f} ms"
-        )
         got, _ = ours._generate(image, prompt, GenerationConfig(**kw))
         want = ref.generate(pixel_values=image, input_ids=ids, **kw)[0].tolist()
         want = want[1:] if lm == "t5" else want[ids.shape[1] :]
@@ -257,15 +269,17 @@ def main() -> None:
     parser.add_argument("--rss-gb", type=float, default=6.0, help="size of the random checkpoint in GB")
     parser.add_argument("--no-itm-naive", action="store_true", help="skip the reference ITM as called (slow)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--repeat", type=int, default=3, help="interleaved timing rounds (best of)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
     if "retrieval" in args.only:
-        bench_retrieval(not args.no_itm_naive)
+        bench_retrieval(not args.no_itm_naive, args.repeat)
     if "generation" in args.only:
-        bench_generation("opt")
-        bench_generation("t5")
+        for small_lm in (False, True):
+            bench_generation("opt", args.repeat, small_lm)
+            bench_generation("t5", args.repeat, small_lm)
     if "loading" in args.only:
         bench_loading(args.rss_gb)
 
