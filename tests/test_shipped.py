@@ -11,13 +11,10 @@ from PIL import Image, ImageDraw
 
 import blipkit
 from blipkit.data.scenes import write_dataset
+from blipkit.train.eval import evaluate
 
 NAME = "scenes-blip"
-FRESH_SEED = 20261123  # not a seed the model was trained or evaluated on
-# Measured on this seed when the model was shipped (MODEL_CARD.md): colour questions 75 %, yes/no 76 %, 80 each.
-# The tolerance (10 points) covers the sampling noise of 80 questions.
-FRESH = {"color": 0.75, "yes/no": 0.76}
-TOLERANCE = 0.10
+FRESH_SEED = 20261123  # not a seed the model was trained on, nor one of the seeds that set the card's tolerances
 
 
 @pytest.fixture(scope="module")
@@ -39,14 +36,15 @@ def test_loads_by_name_and_is_small(model):
 
 
 def test_fresh_split_within_card_tolerance(model, tmp_path):
+    """Every headline metric on 100 freshly generated test images stays within the card's tolerance
+    (`eval_results.json`, "fresh": mean over 8 other seeds, tolerance max(3 std, 5 points))."""
+    card = json.loads((blipkit.shipped_models()[NAME] / "eval_results.json").read_text())["fresh"]
     root = tmp_path / "fresh"
-    write_dataset(root, n_train=0, n_val=0, n_test=80, seed=FRESH_SEED, image_size=128, progress=False)
-    qa = json.loads((root / "annotations" / "test_vqa.json").read_text())
-    for kind, expected in FRESH.items():
-        picked = [q for q in qa if q["question_type"] == kind][:80]
-        answers = model.answer([str(root / q["image"]) for q in picked], [q["question"] for q in picked])
-        acc = sum(a == q["answer"][0] for a, q in zip(answers, picked, strict=True)) / len(picked)
-        assert abs(acc - expected) <= TOLERANCE, f"{kind}: {acc:.2f}, card {expected:.2f} +- {TOLERANCE}"
+    write_dataset(root, n_train=0, n_val=0, n_test=card["images"], seed=FRESH_SEED, image_size=128, progress=False)
+    got = evaluate(model, root, "test", k=card["k"], num_beams=card["num_beams"])["metrics"]
+    off = [f"{key}: {got[key]:.1f}, card {mean:.1f} +- {card['tolerance'][key]}"
+           for key, mean in card["mean"].items() if abs(got[key] - mean) > card["tolerance"][key]]
+    assert not off, off
 
 
 COLOURS = {
@@ -84,22 +82,19 @@ def draw(shape: str, colour: str, background: tuple[int, int, int] = (215, 215, 
     return image
 
 
-CASES = [
-    ("circle", "red"),
-    ("square", "blue"),
-    ("triangle", "green"),
-    ("diamond", "yellow"),
-    ("hexagon", "purple"),
-    ("star", "orange"),
-    ("circle", "black"),
-    ("square", "green"),
-]
+CASES = [("circle", "red"), ("square", "blue"), ("triangle", "green"), ("diamond", "yellow"), ("hexagon", "purple"),
+         ("star", "orange"), ("circle", "black")]
 
 
-def test_single_pil_shape_colours(model):
-    """Colours hold up on shapes drawn by other means; shapes are not learned yet (see MODEL_CARD.md)."""
+def test_single_pil_shape_colour(model):
+    """Colours hold up on shapes drawn by plain PIL; shapes do not yet (see the model card), so only colours are
+    checked: the answer, the caption's colour word, and ITM among one text per colour."""
     images = [draw(s, c) for s, c in CASES]
-    colours = model.answer(images, [f"what color is the {s}?" for s, _ in CASES])
     captions = model.caption(images, min_new_tokens=1)
-    assert colours == [c for _, c in CASES]
-    assert sum(c in cap for cap, (_, c) in zip(captions, CASES, strict=True)) >= 7, captions
+    answers = model.answer(images, [f"what color is the {s}?" for s, _ in CASES])
+    colours = list(COLOURS)
+    match = model.match(images, [f"a {c} shape" for c in colours])
+    for i, (s, c) in enumerate(CASES):
+        assert answers[i] == c, (s, c, answers[i])
+        assert c in captions[i].split(), (s, c, captions[i])
+        assert colours[int(match[i].argmax())] == c, (s, c, match[i].tolist())

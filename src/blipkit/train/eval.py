@@ -26,6 +26,8 @@ from torch import Tensor
 from tqdm import tqdm
 
 from ..blip import Blip
+from ..data.scenes import COLOURS as SCENE_COLOURS
+from ..data.scenes import SHAPES
 from ..errors import InputError
 from .data import Item, load_items
 
@@ -106,8 +108,7 @@ def cider_d(candidates: Sequence[str], references: Sequence[Sequence[str]], sigm
     return sum(scores) / len(scores)
 
 
-COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "white", "black")
-SHAPES = ("circle", "square", "triangle", "diamond", "star", "hexagon")
+COLOURS = tuple(SCENE_COLOURS)  # the scene generator's words
 _SHAPE_WORDS = {**{s: s for s in SHAPES}, **{s + "s": s for s in SHAPES}}
 _SKIPPABLE = {"small", "large", "one", "two", "three", "a", "an", "the"}
 
