@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +62,21 @@ def tiny_blip_config(vision_hidden: int = 32, image_size: int = 32, text_layers:
         ),
         image_text_hidden_size=16,
     )
+
+
+def torchrun(script: Path, *args: str, nproc: int = 2, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run `script` under torchrun with `nproc` CPU processes; on timeout, kill torchrun and its workers together."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone", str(script),
+           *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the whole session: torchrun and every worker it started
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
 def spread_weights(model: torch.nn.Module, seed: int = 0) -> None:

@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
@@ -24,6 +21,8 @@ from blipkit.train import loop
 from blipkit.train.losses import Objectives, itc_loss, itm_loss, lm_loss, sample_hard_negatives
 from blipkit.train.model import scratch_model
 from blipkit.train.vocab import SPECIALS, build_tokenizer
+
+from .conftest import torchrun
 
 # ------------------------------------------------------------------------------------------------ losses
 
@@ -350,11 +349,8 @@ def test_ddp_two_processes(scenes, tmp_path):
         "sys.exit(main(sys.argv[1:]))\n"
     )
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-           str(script), "train", "--data", str(scenes), "--arch", "tiny", "--out", str(out), "--steps", "3",
-           "--batch-size", "4", "--save-every", "3", "--json"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    proc = torchrun(script, "train", "--data", str(scenes), "--arch", "tiny", "--out", str(out), "--steps", "3",
+                    "--batch-size", "4", "--save-every", "3", "--json")
     assert proc.returncode == 0, proc.stderr[-2000:]
     state = torch.load(out / loop.STATE_FILE, weights_only=False)
     assert state["step"] == 3 and state["world_size"] == 2 and len(state["rng"]) == 2

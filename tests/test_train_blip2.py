@@ -1,10 +1,18 @@
 """BLIP-2 training: stage-1 losses by hand, the ITG mask position by position and through the stack, a few dozen
-steps of each stage lowering its loss, the stage-1 checkpoint read back by blipkit and transformers, bad inputs."""
+steps of each stage lowering its loss, the stage-1 checkpoint read back by blipkit and transformers, bad inputs;
+then `blipkit train --stage qformer1 / lm / qformer2` on a tiny generated dataset (losses fall, stage 1 resumes
+exactly, the outputs load in blipkit and transformers), BLIP's ViT as BLIP-2's image encoder, the Q-Former started
+from BLIP's text encoder, and hard negatives drawn across two processes."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import io
+import json
 import math
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -30,7 +38,7 @@ from blipkit.train.blip2_losses import (
 from blipkit.train.model import init_weights
 from blipkit.train.vocab import build_tokenizer
 
-from .conftest import spread_weights
+from .conftest import spread_weights, torchrun
 
 Q = 4
 MASK = 4  # `[MASK]`, unused by the captions: the image placeholder of the generation models
@@ -317,3 +325,331 @@ def test_stage2_bad_starts(stage1):
     model.language_projection = torch.nn.Linear(32, 40)  # the language model is 24 wide
     with pytest.raises(InputError, match="24 wide"):
         GenerativeObjectives(model, stage1)
+
+
+# ------------------------------------------------------------------------------------------------ the training command
+
+
+def run(*args: str) -> dict:
+    """`blipkit train ...` in this process; returns its JSON summary."""
+    from blipkit.cli import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["train", *args, "--json"]) == 0
+    return json.loads(out.getvalue().strip().splitlines()[-1])
+
+
+def log(out: Path, key: str) -> list[float]:
+    return [json.loads(line)[key] for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+def falls(values: list[float]) -> bool:
+    return mean(values[-5:]) < mean(values[:5])
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory) -> Path:
+    from blipkit.data.scenes import write_dataset
+
+    root = tmp_path_factory.mktemp("scenes")
+    write_dataset(root, n_train=48, n_val=4, n_test=6, seed=3, image_size=32, progress=False)
+    return root
+
+
+def tiny_blip(scenes: Path):
+    from blipkit.train.data import load_items
+    from blipkit.train.model import scratch_model
+
+    items = load_items(scenes, "train").items
+    return scratch_model("tiny", build_tokenizer([c for it in items for c in it.captions]), seed=0)
+
+
+@pytest.fixture(scope="module")
+def blip_dir(scenes, tmp_path_factory) -> Path:
+    """A tiny BLIP (all heads) whose image encoder and text encoder BLIP-2 starts from."""
+    model = tiny_blip(scenes)
+    spread_weights(model, seed=5)  # weights with a spread: images and texts get distinct features
+    return blipkit.save(model, tmp_path_factory.mktemp("blip"))
+
+
+COMMON = ("--batch-size", "8", "--warmup", "2", "--log-every", "1", "--save-every", "100")
+
+
+def stage1_args(scenes: Path, blip_dir: Path, out: Path, steps: int) -> list[str]:
+    return ["--stage", "qformer1", "--data", str(scenes), "--init-vision", str(blip_dir), "--out", str(out),
+            "--num-queries", str(Q), "--steps", str(steps), "--lr", "1e-3", *COMMON]
+
+
+@pytest.fixture(scope="module")
+def stage1_dir(scenes, blip_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("qformer1")
+    run(*stage1_args(scenes, blip_dir, out, 30))
+    return out
+
+
+@pytest.fixture(scope="module")
+def lm_dir(scenes, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("lm")
+    run("--stage", "lm", "--data", str(scenes), "--lm-arch", "tiny", "--out", str(out), "--steps", "100",
+        "--lr", "3e-3", *COMMON)
+    return out
+
+
+def test_blip_vit_is_blip2_image_encoder(scenes):
+    from blipkit.train.blip2_stages import vision_from_blip
+
+    blip = tiny_blip(scenes)
+    spread_weights(blip, seed=1)
+    vision = vision_from_blip(blip)
+    bias, W = vision.encoder.layers[0].self_attn.qkv.bias, blip.config.vision_config.hidden_size
+    old = blip.vision_model.encoder.layers[0].self_attn.qkv.bias
+    assert old[W : 2 * W].abs().min() > 0 and bias[W : 2 * W].eq(0).all()  # the key bias is gone...
+    assert torch.equal(bias[:W], old[:W]) and torch.equal(bias[2 * W :], old[2 * W :])  # ...query and value kept
+    px = pixels(3)
+    with torch.no_grad():
+        assert (vision(px) - blip.image_features(px)).abs().max() < 1e-5  # ...and the features are the same
+
+
+def test_qformer_starts_from_blip_text_encoder(scenes):
+    from blipkit.train.blip2_stages import stage1_model
+
+    blip = tiny_blip(scenes)
+    spread_weights(blip, seed=2)
+    model, fresh = stage1_model(blip, num_queries=Q), stage1_model(blip, num_queries=Q, qformer_init="random")
+    layer = model.qformer.encoder.layer[0]
+    assert torch.equal(layer.intermediate_query.dense.weight, layer.intermediate.dense.weight)
+    assert not model.qformer.encoder.layer[1].has_cross  # cross-attention every second layer
+    with torch.no_grad():
+        assert (model.encode_texts(CAPTIONS) - blip.encode_texts(CAPTIONS)).abs().max() < 1e-6
+        assert not torch.allclose(fresh.encode_texts(CAPTIONS), blip.encode_texts(CAPTIONS), atol=1e-2)
+    with pytest.raises(InputError, match="--qformer-init random"):
+        stage1_model(blip, width=16)  # another width cannot take BLIP's weights
+
+
+def test_cli_stage1_trains_and_reads_in_transformers(stage1_dir, scenes):
+    from transformers import Blip2ForImageTextRetrieval
+
+    for key in ("loss", "itg"):
+        assert falls(log(stage1_dir, key)), key
+    assert (stage1_dir / "itg_head.safetensors").is_file()
+    model = blipkit.load(stage1_dir)
+    assert model.config.architecture == RETRIEVAL and model.config.num_query_tokens == Q
+    ref = Blip2ForImageTextRetrieval.from_pretrained(stage1_dir).eval()
+    from blipkit.train.data import load_items
+
+    items = load_items(scenes, "test").items[:3]
+    px = model.pixels([str(it.image) for it in items])
+    texts = [it.captions[0] for it in items]
+    ids, mask = model.tokens(texts, max_length=model.config.qformer_config.max_position_embeddings)
+    with torch.no_grad():
+        itc = ref(pixel_values=px, input_ids=ids, attention_mask=mask).logits_per_image
+        assert (model.similarity(px, texts) - itc).abs().max() <= 1e-5
+        for i in range(3):
+            want = ref(pixel_values=px[i : i + 1].expand(3, -1, -1, -1), input_ids=ids, attention_mask=mask,
+                       use_image_text_matching_head=True).logits_per_image
+            assert (model.itm_logits(px[i : i + 1], texts)[0] - want).abs().max() <= 1e-5
+
+
+def test_cli_stage1_resume_is_exact(scenes, blip_dir, tmp_path):
+    run(*stage1_args(scenes, blip_dir, tmp_path / "a", 6))
+    assert run(*stage1_args(scenes, blip_dir, tmp_path / "b", 6), "--stop-after", "3")["step"] == 3
+    assert run(*stage1_args(scenes, blip_dir, tmp_path / "b", 6))["step"] == 6
+    for name in ("model.safetensors", "itg_head.safetensors"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+
+def test_cli_lm_trains_an_opt_transformers_reads(lm_dir):
+    from transformers import AutoTokenizer, OPTForCausalLM
+
+    from blipkit.train.lm import load_language_model
+
+    assert falls(log(lm_dir, "lm"))
+    lm, tok = load_language_model(lm_dir)
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (2, 2, 1)  # OPT's `</s>` and `<pad>`
+    assert 262 <= tok.vocab_size <= 768
+    texts = ["a red circle on the left", "two blue squares and a zebra!"]  # unseen words are spelled in bytes
+    ids, mask = tok(texts)
+    hf_tok = AutoTokenizer.from_pretrained(lm_dir)
+    assert hf_tok(texts, padding=True)["input_ids"] == ids.tolist()
+    assert tok.decode(ids[1]) == texts[1]
+    ref = OPTForCausalLM.from_pretrained(lm_dir).eval()
+    with torch.no_grad():
+        ours, _ = lm(input_ids=ids, attention_mask=mask)
+        assert (ours - ref(input_ids=ids, attention_mask=mask).logits).abs().max() <= 1e-5
+
+
+def test_cli_stage2_trains_and_captions(stage1_dir, lm_dir, scenes, tmp_path):
+    from transformers import Blip2ForConditionalGeneration
+
+    from blipkit.train.blip2_losses import caption_labels, opt_tensors
+
+    out = tmp_path / "blip2"
+    run("--stage", "qformer2", "--data", str(scenes), "--init", str(stage1_dir), "--lm", str(lm_dir),
+        "--out", str(out), "--steps", "40", "--lr", "3e-3", *COMMON)
+    assert falls(log(out, "lm"))
+    model = blipkit.load(out)
+    from blipkit.train.data import load_items
+
+    images = [str(it.image) for it in load_items(scenes, "test").items[:2]]
+    captions = model.caption(images, num_beams=2, max_new_tokens=8)
+    assert len(captions) == 2 and all(isinstance(c, str) and c for c in captions)
+    # transformers reads the directory and computes the same captioning loss
+    ref = Blip2ForConditionalGeneration.from_pretrained(out).eval()
+    px, n, q = model.pixels(images), 2, model.config.num_query_tokens
+    t = opt_tensors(model.tokens, ["a red circle", "two squares"], end="</s>")
+    ids = torch.cat([torch.full((n, q), model.config.image_token_index), t["caption_ids"]], dim=1)
+    mask = torch.cat([torch.ones(n, q, dtype=torch.long), t["caption_mask"]], dim=1)
+    labels = caption_labels(t["caption_ids"], t["caption_mask"], 1, q)
+    with torch.no_grad():
+        want = ref(pixel_values=px, input_ids=ids, attention_mask=mask, labels=labels).loss
+        prefix = model.prefix_embeds(px)
+        embeds = torch.cat([prefix, model.language_model.get_input_embeddings()(t["caption_ids"])], dim=1)
+        _, loss = model.language_model(inputs_embeds=embeds, attention_mask=mask, labels=labels)
+    assert loss.item() == pytest.approx(want.item(), abs=1e-5)
+
+
+def tiny_t5_dir(scenes: Path, directory: Path) -> Path:
+    """A tiny random Flan-T5-style model written by transformers, with a byte-level BPE tokenizer in T5's ids."""
+    import transformers
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, pre_tokenizers, processors, trainers
+    from tokenizers.models import BPE
+
+    from blipkit.processing import Tokenizer
+    from blipkit.train.data import load_items
+
+    backend = Backend(BPE())
+    backend.pre_tokenizer, backend.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "</s>", "<unk>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator([c for it in load_items(scenes, "train").items for c in it.captions], trainer)
+    backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tok = Tokenizer(backend, {"eos": "</s>", "pad": "<pad>", "unk": "<unk>"}, [], 64)
+    cfg = transformers.T5Config(vocab_size=tok.vocab_size, d_model=32, d_kv=8, d_ff=48, num_layers=1,
+                                num_decoder_layers=1, num_heads=4, feed_forward_proj="gated-gelu",
+                                tie_word_embeddings=False, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+                                relative_attention_num_buckets=8, relative_attention_max_distance=16)
+    torch.manual_seed(0)
+    transformers.T5ForConditionalGeneration(cfg).save_pretrained(directory)
+    tok.save(directory)
+    return directory
+
+
+def test_cli_stage2_with_flan_t5(stage1_dir, scenes, tmp_path, capsys):
+    from blipkit.cli import main
+
+    t5 = tiny_t5_dir(scenes, tmp_path / "t5")
+    args = ["--stage", "qformer2", "--data", str(scenes), "--init", str(stage1_dir), "--lm", str(t5)]
+    assert main(["train", *args, "--out", str(tmp_path / "x"), "--prompt", "a photo of"]) == 2
+    assert "--prompt is for OPT" in capsys.readouterr().err
+    out = tmp_path / "blip2-t5"
+    run(*args, "--out", str(out), "--steps", "30", "--lr", "3e-3", *COMMON)
+    assert falls(log(out, "lm"))
+    model = blipkit.load(out)
+    assert model.config.lm_type == "t5"
+    assert len(model.caption(pixels(2), max_new_tokens=4, num_beams=1)) == 2
+
+
+def test_cli_stage2_errors(stage1_dir, lm_dir, scenes, tmp_path, capsys):
+    import shutil
+
+    from blipkit.cli import main
+    from blipkit.train.lm import load_language_model, save_language_model
+
+    base = ["train", "--stage", "qformer2", "--data", str(scenes), "--out", str(tmp_path / "out"), "--steps", "1"]
+
+    def error(*args: str) -> str:
+        assert main([*base, *args]) == 2
+        return capsys.readouterr().err
+
+    msg = error("--lm", str(lm_dir))
+    assert "--init" in msg and "stage 1" in msg
+    assert "run stage 1 first" in error("--init", str(tmp_path / "none"), "--lm", str(lm_dir))
+    assert "--lm" in error("--init", str(stage1_dir))
+    assert "--init-vision is for --stage qformer1" in error("--init-vision", "scenes-blip")
+    # an OPT whose embeddings are narrower than its hidden size (as OPT-350m): the projection cannot feed it
+    from blipkit.lm import OPTForCausalLM
+
+    lm, tok = load_language_model(lm_dir)
+    cfg = lm.config
+    narrow = dataclasses.replace(cfg, word_embed_proj_dim=cfg.hidden_size // 2)
+    save_language_model(OPTForCausalLM(narrow), tok, tmp_path / "narrow")
+    msg = error("--init", str(stage1_dir), "--lm", str(tmp_path / "narrow"))
+    assert f"{cfg.hidden_size // 2} wide" in msg
+    # weights that do not fit the config, and a directory without weights
+    bad = tmp_path / "bad"
+    shutil.copytree(lm_dir, bad)
+    config = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**config, "hidden_size": 48, "word_embed_proj_dim": 48}))
+    assert "shape mismatch" in error("--init", str(stage1_dir), "--lm", str(bad))
+    (bad / "model.safetensors").unlink()
+    assert "no weights" in error("--init", str(stage1_dir), "--lm", str(bad))
+
+
+# ------------------------------------------------------------------------------------------------ two processes
+
+DDP_SCRIPT = """
+import sys
+import torch
+import torch.distributed as dist
+
+import blipkit
+from blipkit.cli import main
+from blipkit.train.blip2_losses import QFormerObjectives
+from blipkit.train.blip2_stages import stage1_model
+
+torch.set_num_threads(1)
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+blip_dir, scenes, out = sys.argv[1:4]
+model = stage1_model(blipkit.load(blip_dir), num_queries=4)
+obj = QFormerObjectives(model)
+seen = []
+
+def record(feats, ids, mask):
+    seen.append((feats, ids, mask))
+    return torch.zeros(len(ids), 2, requires_grad=True)
+
+obj.itm_logits = record
+captions = [["a red circle", "two red circles on the left", "a red star"],
+            ["a blue square", "three blue squares", "blue"]][rank]  # different lengths on the two processes
+ids, mask = model.tokens(captions, max_length=40)
+pixels = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(rank))
+# one image per process: on its own, a process has no negative at all
+batch = {"pixels": pixels, "image_keys": torch.full((3,), rank), "caption_rows": torch.arange(3),
+         "caption_ids": ids, "caption_mask": mask, "caption_keys": torch.arange(3) + 10 * rank}
+losses = obj(batch)
+sum(losses.values()).backward()
+with torch.no_grad():
+    feats = model.vision_model(pixels)
+both = [None, None]
+dist.all_gather_object(both, (feats, captions))
+other_feats, other_captions = both[1 - rank]
+g_feats, g_ids, g_mask = seen[0]
+assert len(g_ids) == 9, len(g_ids)  # 3 pairs, a negative text for each image, a negative image for each text
+texts = [model.tokenizer.decode(row[m.bool()]) for row, m in zip(g_ids, g_mask)]
+assert texts[:3] == captions and texts[6:] == captions, texts
+assert all(t in other_captions for t in texts[3:6]), texts  # the images' negative texts: the other process's
+assert all(any(torch.equal(f, o) for o in other_feats) for f in g_feats[6:])  # the texts' negative images too
+assert all(torch.equal(f, feats[i % 3]) for i, f in enumerate(g_feats[:6]))
+print("negatives ok", rank, flush=True)
+sys.exit(main(["train", "--stage", "qformer1", "--data", scenes, "--init-vision", blip_dir, "--out", out,
+               "--num-queries", "4", "--steps", "2", "--batch-size", "4", "--save-every", "2", "--json"]))
+"""
+
+
+def test_hard_negatives_across_two_processes(blip_dir, scenes, tmp_path):
+    """torchrun, two CPU processes (gloo): a text's negative image comes from the other process, and stage 1 runs
+    on the shared loop under DDP."""
+    script = tmp_path / "negatives.py"
+    script.write_text(DDP_SCRIPT)
+    out = tmp_path / "ddp"
+    proc = torchrun(script, str(blip_dir), str(scenes), str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("negatives ok") == 2
+    from blipkit.train import loop
+
+    state = torch.load(out / loop.STATE_FILE, weights_only=False)
+    assert state["step"] == 2 and state["world_size"] == 2 and "itg_head.bias" in state["objectives"]
+    assert blipkit.load(out).config.num_query_tokens == 4

@@ -1,4 +1,7 @@
-"""Training and evaluation of BLIP: objectives, data readers, the loop, metrics, and the `train` / `eval` commands.
+"""Training and evaluation: objectives, data readers, the loop, metrics, and the `train` / `eval` commands.
+
+BLIP trains directly (`train(model, ...)`); the BLIP-2 stages and the small language model are `Recipe`s for the
+same loop (`blip2_stages`, `lm`; see docs/training.md).
 
     from blipkit.train import TrainConfig, train, evaluate
     from blipkit.train.data import load_items
@@ -8,8 +11,8 @@
 """
 
 from .eval import evaluate
-from .loop import TrainConfig, TrainResult, train
+from .loop import Recipe, TrainConfig, TrainResult, train
 from .model import ARCHS, scratch_model
 from .vocab import build_tokenizer
 
-__all__ = ["ARCHS", "TrainConfig", "TrainResult", "build_tokenizer", "evaluate", "scratch_model", "train"]
+__all__ = ["ARCHS", "Recipe", "TrainConfig", "TrainResult", "build_tokenizer", "evaluate", "scratch_model", "train"]

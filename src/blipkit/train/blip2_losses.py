@@ -14,6 +14,7 @@ Flan-T5 is a prefix LM that encodes `[queries, first part]` and decodes the rest
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -22,8 +23,10 @@ from torch import Tensor, nn
 
 from ..blip2 import Blip2
 from ..errors import CheckpointError, InputError
+from ..processing import Tokenizer
 from ..text import LMHead
-from .losses import gather, itc_targets, lm_loss, sample_hard_negatives, soft_cross_entropy
+from .data import Sample
+from .losses import gather, gather_padded, itc_targets, lm_loss, sample_hard_negatives, soft_cross_entropy
 from .model import init_weights
 
 STAGE1_OBJECTIVES = ("itc", "itm", "itg")
@@ -202,17 +205,23 @@ class QFormerObjectives(_Frozen):
         img = feats[rows]  # (B, 1 + P, W): the image of each caption
         keys, cap_keys = batch["image_keys"][rows], batch["caption_keys"]
         out: dict[str, Tensor] = {}
-        image_emb = F.normalize(m.vision_projection(self.query_outputs(img)), dim=-1)  # (B, Q, D)
-        text_emb = self.text_embeddings(ids, mask)  # (B, D)
-        if "itc" in self.objectives:
-            all_keys, all_cap = gather(keys), gather(cap_keys)
-            positives = (keys[:, None] == all_keys[None]) | (cap_keys[:, None] == all_cap[None])  # (B, N)
-            out["itc"] = qformer_itc_loss(image_emb, text_emb, self.temp, positives, self.itc_label_smoothing,
-                                          gather(image_emb), gather(text_emb))
-        if "itm" in self.objectives:
-            local = (keys[:, None] == keys[None]) | (cap_keys[:, None] == cap_keys[None])  # (B, B)
-            sim = max_query_similarity(image_emb, text_emb).detach() / self.temp.detach()
-            out["itm"] = self._itm(img, ids, mask, sim, local)
+        if {"itc", "itm"} & set(self.objectives):
+            itc = "itc" in self.objectives
+            image_emb = F.normalize(m.vision_projection(self.query_outputs(img)), dim=-1)  # (B, Q, D)
+            text_emb = self.text_embeddings(ids, mask)  # (B, D)
+            # every process's pairs (N = B x processes); gradients flow back through the gather for ITC only
+            all_image = gather(image_emb if itc else image_emb.detach())  # (N, Q, D)
+            all_text = gather(text_emb if itc else text_emb.detach())  # (N, D)
+            # pairs sharing an image or the very same caption are both true: never negatives
+            positives = (keys[:, None] == gather(keys)[None]) | (cap_keys[:, None] == gather(cap_keys)[None])  # (B, N)
+            if itc:
+                out["itc"] = qformer_itc_loss(image_emb, text_emb, self.temp, positives, self.itc_label_smoothing,
+                                              all_image, all_text)
+            if "itm" in self.objectives:
+                with torch.no_grad():
+                    sim_i2t = max_query_similarity(image_emb, all_text) / self.temp  # (B, N)
+                    sim_t2i = max_query_similarity(all_image, text_emb).t() / self.temp  # (B, N)
+                out["itm"] = self._itm(img, ids, mask, sim_i2t, sim_t2i, positives)
         if "itg" in self.objectives:
             dec = ids.clone()
             bos = m.tokenizer.bos_token_id if m.tokenizer is not None else None
@@ -221,14 +230,27 @@ class QFormerObjectives(_Frozen):
             out["itg"] = lm_loss(self.itg_logits(img, dec, mask), dec, mask, self.itg_label_smoothing)
         return out
 
-    def _itm(self, img: Tensor, ids: Tensor, mask: Tensor, sim: Tensor, positives: Tensor) -> Tensor:
-        """ITM over the positives, one hard negative text per image and one hard negative image per text."""
-        neg_text = sample_hard_negatives(sim, positives)  # (B,) a text for each image, -1 when none exists
-        neg_image = sample_hard_negatives(sim.t(), positives.t())  # (B,) an image for each text
+    def _itm(self, img: Tensor, ids: Tensor, mask: Tensor, sim_i2t: Tensor, sim_t2i: Tensor,
+             positives: Tensor) -> Tensor:
+        """ITM over this process's pairs, one hard negative text per image and one hard negative image per text.
+
+        Negatives are drawn from every process's batch (`sim_*` and `positives` are (B, N) against the gathered
+        pairs), so an image's negative text may come from another process; the image features and tokens are
+        gathered without gradient (the image encoder is frozen; token ids have none).
+        """
+        pad = self.model.config.qformer_config.pad_token_id
+        all_img = gather(img)  # (N, 1 + P, W)
+        all_ids, all_mask = gather_padded(ids, pad), gather_padded(mask, 0)  # (N, T')
+        T = all_ids.shape[1]
+        ids, mask = F.pad(ids, (0, T - ids.shape[1]), value=pad), F.pad(mask, (0, T - mask.shape[1]))
+        neg_text = sample_hard_negatives(sim_i2t, positives)  # (B,) a text for each image, -1 when none exists
+        neg_image = sample_hard_negatives(sim_t2i, positives)  # (B,) an image for each text
         ti, tt = neg_text >= 0, neg_image >= 0
-        g_img = torch.cat([img, img[ti], img[neg_image[tt]]])
-        g_ids = torch.cat([ids, ids[neg_text[ti]], ids[tt]])
-        g_mask = torch.cat([mask, mask[neg_text[ti]], mask[tt]])
+        g_img = torch.cat([img, img[ti], all_img[neg_image[tt]]])
+        g_ids = torch.cat([ids, all_ids[neg_text[ti]], ids[tt]])
+        g_mask = torch.cat([mask, all_mask[neg_text[ti]], mask[tt]])
+        width = int(g_mask.sum(dim=1).max())  # drop the columns that are padding in every row
+        g_ids, g_mask = g_ids[:, :width], g_mask[:, :width]
         labels = torch.zeros(len(g_ids), dtype=torch.long, device=ids.device)
         labels[: len(ids)] = 1
         return F.cross_entropy(self.itm_logits(g_img, g_ids, g_mask).float(), labels)
@@ -356,32 +378,78 @@ class GenerativeObjectives(_Frozen):
         return {"lm": loss}
 
 
+Tokenize = Callable[..., tuple[Tensor, Tensor]]  # (texts, max_length=) -> (ids, mask): a Tokenizer or `model.tokens`
+
+
+def opt_tensors(tokenize: Tokenize, captions: list[str], prompt: str = "", end: str = "\n", max_length: int = 64,
+                sep: str = "") -> dict[str, Tensor]:
+    """`prompt + sep + caption + end` tokenised for OPT, with each row's prompt length (bos included)."""
+    ids, mask = tokenize([prompt + sep + c + end for c in captions], max_length=max_length)
+    plen = int(tokenize(prompt, max_length=max_length)[1].sum()) if prompt else 1
+    return {"caption_ids": ids, "caption_mask": mask,
+            "prompt_length": torch.full((len(captions),), plen, device=ids.device)}
+
+
+def t5_tensors(tokenize: Tokenize, captions: list[str], rng: random.Random, pad_id: int, eos_id: int,
+               max_length: int = 64) -> dict[str, Tensor]:
+    """Each caption split at a random word into T5 text input and text output, tokenised."""
+    inputs, outputs = zip(*(split_prefix(c, rng) for c in captions), strict=True)
+    in_ids, in_mask = tokenize([t or "x" for t in inputs], max_length=max_length)
+    empty = torch.tensor([not t for t in inputs], device=in_ids.device)
+    if empty.any():  # no text input: the row holds only `</s>`
+        in_ids[empty] = pad_id
+        in_mask[empty] = 0
+        in_ids[empty, 0], in_mask[empty, 0] = eos_id, 1
+    out_ids, out_mask = tokenize(list(outputs), max_length=max_length)
+    return {"input_ids": in_ids, "input_mask": in_mask, "output_ids": out_ids, "output_mask": out_mask}
+
+
+def _check_pairs(captions: list[str], pixels: Tensor) -> None:
+    if len(captions) != len(pixels):
+        raise InputError(f"got {len(captions)} captions for {len(pixels)} images (image i goes with caption i)")
+
+
 def opt_batch(model: Blip2, pixels: Tensor, captions: list[str], prompt: str = "", end: str = "\n",
               max_length: int = 64) -> dict[str, Tensor]:
     """An OPT stage-2 batch: `prompt + caption + end` tokenised, with each row's prompt length (bos included)."""
-    if len(captions) != len(pixels):
-        raise InputError(f"got {len(captions)} captions for {len(pixels)} images (image i goes with caption i)")
-    ids, mask = model.tokens([prompt + c + end for c in captions], max_length=max_length)
-    plen = int(model.tokens(prompt, max_length=max_length)[1].sum()) if prompt else 1
-    return {"pixels": pixels, "caption_ids": ids, "caption_mask": mask,
-            "prompt_length": torch.full((len(captions),), plen, device=ids.device)}
+    _check_pairs(captions, pixels)
+    return {"pixels": pixels, **opt_tensors(model.tokens, captions, prompt, end, max_length)}
 
 
 def t5_batch(model: Blip2, pixels: Tensor, captions: list[str], rng: random.Random,
              max_length: int = 64) -> dict[str, Tensor]:
     """A Flan-T5 stage-2 batch: each caption split at a random word into text input and text output."""
-    if len(captions) != len(pixels):
-        raise InputError(f"got {len(captions)} captions for {len(pixels)} images (image i goes with caption i)")
-    inputs, outputs = zip(*(split_prefix(c, rng) for c in captions), strict=True)
-    in_ids, in_mask = model.tokens([t or "x" for t in inputs], max_length=max_length)
-    empty = torch.tensor([not t for t in inputs], device=in_ids.device)
-    if empty.any():  # no text input: the row holds only `</s>`
-        in_ids[empty] = model.config.text_config.pad_token_id
-        in_mask[empty] = 0
-        in_ids[empty, 0], in_mask[empty, 0] = model.config.prompt_bos_token_id, 1
-    out_ids, out_mask = model.tokens(list(outputs), max_length=max_length)
-    return {"pixels": pixels, "input_ids": in_ids, "input_mask": in_mask, "output_ids": out_ids,
-            "output_mask": out_mask}
+    _check_pairs(captions, pixels)
+    cfg = model.config
+    return {"pixels": pixels, **t5_tensors(model.tokens, captions, rng, cfg.text_config.pad_token_id,
+                                           cfg.prompt_bos_token_id, max_length)}
+
+
+class CaptionCollate:
+    """Samples -> a captioning batch in a language model's tokens (with `pixels` when the samples have images).
+
+    OPT (and the language model trained alone) reads `bos [prompt ]caption eos` and predicts what follows the
+    prompt; T5 gets each caption split at a random word (drawn from the samples' seeds, so batches repeat exactly).
+    """
+
+    def __init__(self, tokenizer: Tokenizer, max_length: int, lm_type: str = "opt", prompt: str = "",
+                 pad_id: int = 0, eos_id: int = 1):
+        if tokenizer.special.get("eos") is None:
+            raise InputError("the language model's tokenizer has no eos token; captions need an end marker")
+        self.tokenizer, self.max_length, self.lm_type, self.prompt = tokenizer, max_length, lm_type, prompt.strip()
+        self.pad_id, self.eos_id = pad_id, eos_id
+
+    def __call__(self, samples: list[Sample]) -> dict[str, Tensor]:
+        samples = [s for s in samples if s.caption]
+        if not samples:
+            raise InputError("a batch without captions: language-model training learns from captions")
+        captions = [s.caption for s in samples]
+        batch = {} if samples[0].pixels is None else {"pixels": torch.stack([s.pixels for s in samples])}
+        if self.lm_type == "t5":
+            rng = random.Random(" ".join(str(s.seed) for s in samples))
+            return {**batch, **t5_tensors(self.tokenizer, captions, rng, self.pad_id, self.eos_id, self.max_length)}
+        end, sep = self.tokenizer.special["eos"], " " if self.prompt else ""
+        return {**batch, **opt_tensors(self.tokenizer, captions, self.prompt, end, self.max_length, sep)}
 
 
 # --------------------------------------------------------------------------------------------------- steps

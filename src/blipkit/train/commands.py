@@ -16,7 +16,20 @@ TRAIN_EXAMPLES = """examples:
   blipkit train --data coco_karpathy_train.json --image-root coco/ --out runs/ft   # fine-tunes --model
   blipkit train --data 'shards/train-{000..031}.tar' --out runs/wds --objectives itc,itm,lm
   torchrun --nproc_per_node=2 -m blipkit.cli train --data data/scenes --arch small --out runs/ddp
+BLIP-2 (stage 1, a language model, stage 2):
+  blipkit train --stage qformer1 --data data/scenes --init-vision scenes-blip --out runs/qformer1
+  blipkit train --stage lm --data data/scenes --lm-arch small --out runs/opt-scenes
+  blipkit train --stage qformer2 --data data/scenes --init runs/qformer1 --lm runs/opt-scenes --out runs/blip2
 Running the same command again resumes from OUT/checkpoint.pt."""
+STAGES = ("blip", "qformer1", "qformer2", "lm")
+# options that only one kind of run reads: option -> the stages that take it
+STAGE_OPTIONS = {
+    "arch": ("blip",), "vqa": ("blip",), "lm_filter": ("blip",), "objectives": ("blip", "qformer1"),
+    "init_vision": ("qformer1",), "qformer_layers": ("qformer1",), "num_queries": ("qformer1",),
+    "qformer_width": ("qformer1",), "qformer_init": ("qformer1",),
+    "init": ("qformer2",), "lm": ("qformer2",), "prompt": ("qformer2",),
+    "lm_arch": ("lm",), "vocab_size": ("lm",), "text_length": ("qformer1", "qformer2", "lm"),
+}
 
 EVAL_EXAMPLES = """examples:
   blipkit eval --data data/scenes --split test
@@ -26,10 +39,13 @@ EVAL_EXAMPLES = """examples:
 def add_commands(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     """Add the `train` and `eval` subcommands."""
     fmt = argparse.RawDescriptionHelpFormatter
-    p = subparsers.add_parser("train", parents=[common], help="train or fine-tune BLIP (ITC, ITM, LM, VQA)",
-                              description="Train BLIP from scratch (--arch) or fine-tune --model; writes a Hub-format "
-                              "model to --out and resumes from its checkpoint.", epilog=TRAIN_EXAMPLES,
-                              formatter_class=fmt)
+    p = subparsers.add_parser("train", parents=[common], help="train BLIP, the BLIP-2 stages, or a small LM",
+                              description="Train BLIP from scratch (--arch) or fine-tune --model; or a BLIP-2 stage "
+                              "(--stage qformer1 / qformer2) or the small language model stage 2 can use (--stage "
+                              "lm). Writes a Hub-format model to --out and resumes from its checkpoint.",
+                              epilog=TRAIN_EXAMPLES, formatter_class=fmt)
+    p.add_argument("--stage", default="blip", choices=STAGES,
+                   help="blip (default): BLIP; qformer1 / qformer2: BLIP-2 stage 1 / 2; lm: an OPT on the captions")
     p.add_argument("--data", required=True, help="scenes dataset dir, Karpathy JSON, image folder, or tar shards")
     p.add_argument("--split", default="train", help="split of a scenes dir or original Karpathy JSON (default: train)")
     p.add_argument("--image-root", default=None, help="directory image paths are relative to")
@@ -44,16 +60,36 @@ def add_commands(subparsers: argparse._SubParsersAction, common: argparse.Argume
     p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps (default: 100)")
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping (0: off)")
-    p.add_argument("--objectives", default=",".join(OBJECTIVES), help="comma list of itc,itm,lm,vqa")
+    p.add_argument("--objectives", default=None, help="comma list of itc,itm,lm,vqa (blip; default: all) or "
+                   "itc,itm,itg (qformer1; default: all)")
     p.add_argument("--lm-filter", default=None, metavar="REGEX",
                    help="captioning (LM) learns only from captions matching REGEX, when an image has any")
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"], help="mixed precision")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations to save memory")
     p.add_argument("--save-every", type=int, default=200, help="checkpoint every N steps (default: 200)")
+    p.add_argument("--log-every", type=int, default=10, help="write train_log.jsonl every N steps (default: 10)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=0, help="data-loading worker processes (default: 0)")
     p.add_argument("--no-resume", action="store_true", help="start over even if --out holds a checkpoint")
     p.add_argument("--stop-after", type=int, default=None, help="leave after N steps of this run (resumable)")
+    b = p.add_argument_group("BLIP-2 stage 1 (--stage qformer1)")
+    b.add_argument("--init-vision", default=None, metavar="MODEL",
+                   help="BLIP model (name or directory) whose image encoder BLIP-2 uses, frozen; e.g. scenes-blip")
+    b.add_argument("--qformer-layers", type=int, default=None, help="Q-Former layers (default: BLIP's text layers)")
+    b.add_argument("--num-queries", type=int, default=None, help="learned query tokens (default: 8)")
+    b.add_argument("--qformer-width", type=int, default=None, help="Q-Former width (default: the image encoder's)")
+    b.add_argument("--qformer-init", default=None, choices=["text-encoder", "random"],
+                   help="start the Q-Former and heads from BLIP's text encoder (default) or at random")
+    b.add_argument("--text-length", type=int, default=None,
+                   help="text tokens per caption (default: BLIP's text positions; 64 for qformer2 and lm)")
+    b = p.add_argument_group("BLIP-2 stage 2 (--stage qformer2)")
+    b.add_argument("--init", default=None, metavar="DIR", help="the stage-1 output (run --stage qformer1 first)")
+    b.add_argument("--lm", default=None, metavar="DIR",
+                   help="frozen language model: an OPT or Flan-T5 directory in Hugging Face format (--stage lm)")
+    b.add_argument("--prompt", default=None, help="OPT: text before each caption (pass it to caption() later)")
+    b = p.add_argument_group("language model (--stage lm)")
+    b.add_argument("--lm-arch", default=None, help="architecture: small (4 layers, width 256) or tiny")
+    b.add_argument("--vocab-size", type=int, default=None, help="byte-level BPE vocabulary size (default: 768)")
     p.set_defaults(func=run_train)
 
     e = subparsers.add_parser("eval", parents=[common], help="retrieval, captioning, VQA and grounding metrics",
@@ -87,20 +123,97 @@ def _device_default(args: argparse.Namespace) -> str:
     return args.device or "cpu"
 
 
+def _check_stage_options(args: argparse.Namespace) -> None:
+    """Options another kind of run reads are an error rather than silently ignored."""
+    for dest, stages in STAGE_OPTIONS.items():
+        if getattr(args, dest) is not None and args.stage not in stages:
+            flag = "--" + dest.replace("_", "-")
+            raise InputError(f"{flag} is for --stage {' / '.join(stages)}; this run is --stage {args.stage}")
+
+
+def _to_train(args: argparse.Namespace, data, objectives: tuple[str, ...]):
+    """What the run trains: a BLIP model (the default stage) or the `Recipe` of a BLIP-2 stage or the LM."""
+    import blipkit
+
+    if args.stage == "blip":
+        from .model import scratch_model
+        from .vocab import build_tokenizer
+
+        if args.arch:
+            if isinstance(data, str):
+                raise InputError("--arch builds its vocabulary from the data: give a dataset dir or JSON, not tar "
+                                 "shards")
+            texts = [t for it in data for t in it.captions] + [t for it in data for q, a in it.qa for t in (q, *a)]
+            return scratch_model(args.arch, build_tokenizer(texts), seed=args.seed)
+        model = blipkit.load(args.model)
+        if model.family != "BLIP":
+            raise InputError(f"{args.model} is a {model.family} model; `blipkit train` trains BLIP (BLIP-2: --stage)")
+        return model.float()
+    if args.stage == "lm":
+        from ..processing import Tokenizer
+        from .lm import LM_ARCHS, build_bpe_tokenizer, lm_recipe, scratch_lm
+        from .loop import STATE_FILE
+
+        if isinstance(data, str):
+            raise InputError("--stage lm builds its tokenizer from the captions: give a dataset dir or JSON, not tar "
+                             "shards")
+        arch = args.lm_arch or "small"
+        if arch not in LM_ARCHS:
+            raise InputError(f"--lm-arch {arch}: unknown (known: {', '.join(LM_ARCHS)})")
+        out = Path(args.out)
+        if not args.no_resume and (out / STATE_FILE).is_file() and (out / "tokenizer.json").is_file():
+            tokenizer = Tokenizer.from_dir(out)  # resuming: the vocabulary the checkpoint was trained with
+        else:
+            tokenizer = build_bpe_tokenizer([c for it in data for c in it.captions], args.vocab_size or 768,
+                                            max_length=LM_ARCHS[arch].positions)
+        return lm_recipe(scratch_lm(arch, tokenizer, seed=args.seed), tokenizer, args.text_length or 64)
+    from .blip2_stages import stage1_model, stage1_recipe, stage2_model, stage2_recipe
+
+    if args.stage == "qformer1":
+        if not args.init_vision:
+            raise InputError("--stage qformer1 takes its frozen image encoder from a BLIP model: pass --init-vision "
+                             "NAME_OR_DIR (e.g. scenes-blip)")
+        blip = blipkit.load(args.init_vision)
+        if blip.family != "BLIP":
+            raise InputError(f"--init-vision {args.init_vision} is a {blip.family} model; pass a BLIP model")
+        model = stage1_model(blip, args.qformer_layers, args.num_queries or 8, args.qformer_width, args.text_length,
+                             args.qformer_init or "text-encoder", seed=args.seed)
+        return stage1_recipe(model, objectives, args.grad_checkpointing)
+    from .lm import load_language_model
+
+    if not args.init:
+        raise InputError("--stage qformer2 starts from a stage-1 Q-Former: pass --init DIR, the --out of "
+                         "`blipkit train --stage qformer1` (run stage 1 first)")
+    if not Path(args.init).is_dir():
+        raise InputError(f"--init {args.init}: no such directory; run stage 1 first (`blipkit train --stage "
+                         f"qformer1 --out {args.init} ...`)")
+    if not args.lm:
+        raise InputError("--stage qformer2 needs --lm DIR, a language model (OPT or Flan-T5 in Hugging Face format); "
+                         "train a small one with `blipkit train --stage lm`")
+    stage1 = blipkit.load(args.init)
+    lm, tokenizer = load_language_model(args.lm)
+    model = stage2_model(stage1, lm, tokenizer).float()
+    return stage2_recipe(model, stage1, args.prompt or "", args.text_length)
+
+
 def run_train(args: argparse.Namespace) -> int:
     """The `train` command."""
     import torch
 
-    import blipkit
-
-    from .data import is_shards, load_items
+    from .blip2_losses import STAGE1_OBJECTIVES
+    from .data import captions_only, is_shards, load_items
     from .loop import TrainConfig, train
-    from .model import scratch_model
-    from .vocab import build_tokenizer
 
     if args.dtype not in (None, "float32"):
         raise InputError("training keeps float32 weights; use --amp bf16/fp16 for mixed precision")
-    objectives = _list(args.objectives, OBJECTIVES, "--objectives")
+    _check_stage_options(args)
+    known = STAGE1_OBJECTIVES if args.stage == "qformer1" else OBJECTIVES
+    objectives = _list(args.objectives or ",".join(known), known, "--objectives")
+    if args.lm_filter:
+        try:
+            re.compile(args.lm_filter)
+        except re.error as e:
+            raise InputError(f"--lm-filter {args.lm_filter!r}: not a regular expression ({e})") from None
     if is_shards(args.data):
         data, skipped = args.data, 0
     else:
@@ -108,32 +221,19 @@ def run_train(args: argparse.Namespace) -> int:
         data, skipped = loaded.items, loaded.skipped
         if skipped:
             print(f"skipped {skipped} bad entr{'y' if skipped == 1 else 'ies'} of {args.data}", file=sys.stderr)
-    if args.arch:
-        if isinstance(data, str):
-            raise InputError("--arch builds its vocabulary from the data: give a dataset dir or JSON, not tar shards")
-        texts = [t for it in data for t in it.captions] + [t for it in data for q, a in it.qa for t in (q, *a)]
-        model = scratch_model(args.arch, build_tokenizer(texts), seed=args.seed)
-    else:
-        model = blipkit.load(args.model)
-        if model.family != "BLIP":
-            raise InputError(f"{args.model} is a {model.family} model; `blipkit train` trains BLIP")
-        model.float()
+        if args.stage != "blip":
+            data = captions_only(data)
     cfg = TrainConfig(
         out=Path(args.out), steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
         weight_decay=args.weight_decay, clip=args.clip, objectives=objectives, amp=args.amp,
-        grad_checkpointing=args.grad_checkpointing, save_every=args.save_every, seed=args.seed,
-        workers=args.workers, resume=not args.no_resume, stop_after=args.stop_after, skip_bad=args.skip_bad,
-        lm_filter=args.lm_filter,
+        grad_checkpointing=args.grad_checkpointing, save_every=args.save_every, log_every=args.log_every,
+        seed=args.seed, workers=args.workers, resume=not args.no_resume, stop_after=args.stop_after,
+        skip_bad=args.skip_bad, lm_filter=args.lm_filter,
     )
-    if args.lm_filter:
-        try:
-            re.compile(args.lm_filter)
-        except re.error as e:
-            raise InputError(f"--lm-filter {args.lm_filter!r}: not a regular expression ({e})") from None
-    result = train(model, data, cfg, device=_device_default(args))
-    summary = {"out": str(cfg.out), "step": result.step, "steps": cfg.steps, "seconds": round(result.seconds, 1),
-               "losses": {k: round(v, 4) for k, v in result.losses.items()}, "skipped": skipped,
-               "interrupted": result.interrupted}
+    result = train(_to_train(args, data, objectives), data, cfg, device=_device_default(args))
+    summary = {"out": str(cfg.out), "stage": args.stage, "step": result.step, "steps": cfg.steps,
+               "seconds": round(result.seconds, 1), "losses": {k: round(v, 4) for k, v in result.losses.items()},
+               "skipped": skipped, "interrupted": result.interrupted}
     if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return 0
     if args.json:

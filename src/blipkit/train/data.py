@@ -214,6 +214,14 @@ def read_scenes(root: str | Path, split: str, skip_bad: bool = False, vqa: bool 
     return loaded
 
 
+def captions_only(items: list[Item]) -> list[Item]:
+    """The items that have captions, without their question-answer pairs (what BLIP-2 and its language model read)."""
+    kept = [Item(it.image, it.key, list(it.captions)) for it in items if it.captions]
+    if not kept:
+        raise InputError("no item has a caption: BLIP-2 and language-model training learn from captions")
+    return kept
+
+
 def attach_vqa(items: list[Item], qa: dict[str, list[tuple[str, list[str]]]]) -> int:
     """Give each item the question-answer pairs of its image; returns how many pairs found an item."""
     n = 0
@@ -258,12 +266,13 @@ def load_items(
 class Sample:
     """What one training example holds before tokenisation."""
 
-    pixels: torch.Tensor  # (3, H, W)
+    pixels: torch.Tensor | None  # (3, H, W); None for text-only training (no image processor)
     image_key: int  # equal for equal images (ITC positives)
     caption: str | None
     question: str | None
     answer: str | None
     lm_caption: str | None = None  # the caption the decoder learns from (None: `caption`)
+    seed: int = 0  # for choices a batch function makes per sample (e.g. where a caption is split)
 
 
 def _key(text: str) -> int:
@@ -271,15 +280,18 @@ def _key(text: str) -> int:
 
 
 def make_sample(
-    item: Item, processor: ImageProcessor, rng: random.Random, lm_filter: re.Pattern | None = None
+    item: Item, processor: ImageProcessor | None, rng: random.Random, lm_filter: re.Pattern | None = None
 ) -> Sample:
     """Preprocess the image and draw one caption and one question-answer pair (with one of its answers).
 
     With `lm_filter`, the captioning target is drawn separately among the captions the pattern matches (when the
-    image has any), so the decoder learns to describe rather than, say, to count.
+    image has any), so the decoder learns to describe rather than, say, to count. Without a `processor` the image
+    is not read (text-only training).
     """
-    image = Image.open(io.BytesIO(item.image)) if isinstance(item.image, bytes) else item.image
-    pixels = processor(load_image(image))[0]
+    pixels = None
+    if processor is not None:
+        image = Image.open(io.BytesIO(item.image)) if isinstance(item.image, bytes) else item.image
+        pixels = processor(load_image(image))[0]
     caption = rng.choice(item.captions) if item.captions else None
     question = answer = None
     if item.qa:
@@ -289,7 +301,7 @@ def make_sample(
     if lm_filter is not None:
         chosen = [c for c in item.captions if lm_filter.search(c)]
         lm_caption = rng.choice(chosen) if chosen else None
-    return Sample(pixels, _key(item.key), caption, question, answer, lm_caption)
+    return Sample(pixels, _key(item.key), caption, question, answer, lm_caption, rng.getrandbits(32))
 
 
 class Collate:
@@ -334,7 +346,7 @@ def _item_rng(seed: int, epoch: int, index: int) -> random.Random:
 class ItemDataset(torch.utils.data.Dataset):
     """Map-style dataset over `(epoch, index)` pairs, so worker processes draw the same captions as the main one."""
 
-    def __init__(self, items: list[Item], processor: ImageProcessor, seed: int, lm_filter: str | None = None):
+    def __init__(self, items: list[Item], processor: ImageProcessor | None, seed: int, lm_filter: str | None = None):
         self.items, self.processor, self.seed = items, processor, seed
         self.lm_filter = re.compile(lm_filter) if lm_filter else None
 
@@ -438,7 +450,7 @@ class ShardStream:
     """Endless stream of samples from tar shards: this rank's shards in a seeded order per epoch, a seeded shuffle
     buffer, and a resumable position (the number of samples this rank has taken)."""
 
-    def __init__(self, shards: list[str], processor: ImageProcessor, seed: int, rank: int = 0, world: int = 1,
+    def __init__(self, shards: list[str], processor: ImageProcessor | None, seed: int, rank: int = 0, world: int = 1,
                  buffer: int = 256, skip_bad: bool = False, lm_filter: str | None = None):
         self.shards = shards[rank::world] if len(shards) >= world else shards
         self.processor, self.seed, self.rank, self.buffer, self.skip_bad = processor, seed, rank, buffer, skip_bad

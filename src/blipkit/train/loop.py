@@ -1,9 +1,13 @@
 """The training loop: AdamW, warm-up + cosine schedule, clipping, mixed precision, checkpoints that resume exactly.
 
-Runs in one process, or under `torchrun` with one process per device (DistributedDataParallel; gloo on CPU, nccl on
-CUDA). The output directory holds the model in Hub format (rewritten at every checkpoint, so a stopped run is usable),
-`checkpoint.pt` (model, optimiser, scheduler, temperature, every process's RNG, and the step, which fixes the data
-position because batches are a function of the step) and `train_log.jsonl`. Running the same command again resumes.
+The loop trains a `Recipe`: an objectives module (the model plus what training adds to it, such as the ITC
+temperature; its forward returns named losses), the function that turns samples into a batch, and how the model is
+written. BLIP (`blip_recipe`), the two BLIP-2 stages and the BLIP-2 language model (`blip2_stages`, `lm`) all run on
+it. Runs in one process, or under `torchrun` with one process per device (DistributedDataParallel; gloo on CPU, nccl
+on CUDA). The output directory holds the model in Hub format (rewritten at every checkpoint, so a stopped run is
+usable), `checkpoint.pt` (model, optimiser, scheduler, the objectives' own parameters, every process's RNG, and the
+step, which fixes the data position because batches are a function of the step) and `train_log.jsonl`. Running the
+same command again resumes.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import os
 import random
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +33,8 @@ from tqdm import tqdm
 from ..blip import Blip
 from ..checkpoint import state_dict_for_saving
 from ..errors import CheckpointError, InputError
-from .data import Collate, Item, ItemDataset, ShardStream, StepBatchSampler, expand_shards, stream_batches
+from ..processing import ImageProcessor
+from .data import Collate, Item, ItemDataset, Sample, ShardStream, StepBatchSampler, expand_shards, stream_batches
 from .losses import OBJECTIVES, Objectives
 
 STATE_FILE = "checkpoint.pt"
@@ -62,6 +67,23 @@ class TrainConfig:
     progress: bool = True
     skip_bad: bool = False
     lm_filter: str | None = None  # regex: captioning learns only from matching captions (when an image has any)
+
+
+@dataclass
+class Recipe:
+    """What a run trains and how: the loop itself knows nothing of a model's kind.
+
+    `objectives` holds the model as `.model` plus any parameters training adds (the ITC temperature, BLIP-2's ITG
+    head), and `objectives(batch)` returns each loss; `collate` turns `Sample`s into that batch; `processor`
+    preprocesses the images (None: text-only samples); `save(directory)` writes the model there in Hub format.
+    """
+
+    objectives: nn.Module
+    collate: Callable[[list[Sample]], dict[str, Tensor]]
+    processor: ImageProcessor | None
+    save: Callable[[Path], object]
+    unit: str = "img"  # what the throughput counts: "img" (images) or "text"
+    find_unused_parameters: bool = False  # DDP: some trainable parameters may get no gradient in a step
 
 
 @dataclass
@@ -118,6 +140,20 @@ def autocast_for(device: torch.device, amp: str) -> tuple[object, torch.amp.Grad
     return torch.autocast("cuda", dtype=torch.float16), torch.amp.GradScaler("cuda")
 
 
+def blip_recipe(model: Blip, cfg: TrainConfig) -> Recipe:
+    """BLIP: `Objectives` (ITC, ITM, LM, VQA as enabled in `cfg`) on batches of `Collate` with the BLIP tokenizer."""
+    from .. import save
+
+    set_grad_checkpointing(model, cfg.grad_checkpointing)
+    return Recipe(
+        objectives=Objectives(model, cfg.objectives),
+        collate=Collate(model.tokenizer, model.config.text_config.max_position_embeddings),
+        processor=model.processor,
+        save=lambda directory: save(model, directory),
+        find_unused_parameters=set(cfg.objectives) != set(OBJECTIVES),
+    )
+
+
 def set_grad_checkpointing(model: Blip, on: bool) -> None:
     """Recompute each layer's activations in the backward pass instead of storing them (less memory, slower)."""
     stacks = [model.vision_model.encoder]
@@ -129,16 +165,16 @@ def set_grad_checkpointing(model: Blip, on: bool) -> None:
         stack.gradient_checkpointing = on
 
 
-def batches(data: list[Item] | str, model: Blip, cfg: TrainConfig, start: int, rank: int, world: int) -> Iterator:
+def batches(data: list[Item] | str, recipe: Recipe, cfg: TrainConfig, start: int, rank: int, world: int) -> Iterator:
     """Collated batches from step `start` on: items (map-style, shuffled per epoch) or tar shards (streamed)."""
-    collate = Collate(model.tokenizer, model.config.text_config.max_position_embeddings)
+    collate, processor = recipe.collate, recipe.processor
     if isinstance(data, str):
-        stream = ShardStream(expand_shards(data), model.processor, cfg.seed, rank, world, skip_bad=cfg.skip_bad,
+        stream = ShardStream(expand_shards(data), processor, cfg.seed, rank, world, skip_bad=cfg.skip_bad,
                              lm_filter=cfg.lm_filter)
         return stream_batches(stream, collate, cfg.batch_size, start)
     sampler = StepBatchSampler(len(data), cfg.batch_size, cfg.seed, start, rank, world)
     loader = torch.utils.data.DataLoader(
-        ItemDataset(data, model.processor, cfg.seed, cfg.lm_filter), batch_sampler=sampler, collate_fn=collate,
+        ItemDataset(data, processor, cfg.seed, cfg.lm_filter), batch_sampler=sampler, collate_fn=collate,
         num_workers=cfg.workers, generator=torch.Generator().manual_seed(cfg.seed),  # keeps the global RNG untouched
     )
     return iter(loader)
@@ -162,6 +198,17 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def architecture(model: nn.Module) -> dict:
+    """The model's config as a dict (what a resumed run must match): Hub `config.json` when the model has one."""
+    cfg = model.config
+    return cfg.to_hf() if hasattr(cfg, "to_hf") else dataclasses.asdict(cfg)
+
+
+def own_parameters(objectives: nn.Module) -> dict[str, Tensor]:
+    """Parameters the objectives add to the model (temperature, heads), under canonical names, for the state."""
+    return {k: v for k, v in state_dict_for_saving(objectives).items() if not k.startswith("model.")}
+
+
 def _diff(saved: dict, current: dict, prefix: str = "") -> list[str]:
     """Paths where two config dicts differ, as 'key: saved -> current'."""
     out = []
@@ -174,7 +221,7 @@ def _diff(saved: dict, current: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def save_state(path: Path, objectives: Objectives, opt, sched, scaler, step: int, seconds: float,
+def save_state(path: Path, objectives: nn.Module, opt, sched, scaler, step: int, seconds: float,
                cfg: TrainConfig, world: int) -> None:
     """Write the resumable state atomically (every process's RNG is gathered to rank 0)."""
     rng = [_rng_state()]
@@ -186,9 +233,9 @@ def save_state(path: Path, objectives: Objectives, opt, sched, scaler, step: int
         return
     state = {
         "format": STATE_FORMAT,
-        "config": objectives.model.config.to_hf(),
+        "config": architecture(objectives.model),
         "model": state_dict_for_saving(objectives.model),
-        "temp": objectives.temp.detach().cpu(),
+        "objectives": own_parameters(objectives),
         "optimizer": opt.state_dict(),
         "scheduler": sched.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else None,
@@ -204,7 +251,7 @@ def save_state(path: Path, objectives: Objectives, opt, sched, scaler, step: int
     os.replace(tmp, path)
 
 
-def load_state(path: Path, objectives: Objectives, opt, sched, scaler, rank: int) -> tuple[int, float]:
+def load_state(path: Path, objectives: nn.Module, opt, sched, scaler, rank: int) -> tuple[int, float]:
     """Restore a state written by `save_state` into the live objects; returns (step, seconds so far)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
@@ -212,7 +259,7 @@ def load_state(path: Path, objectives: Objectives, opt, sched, scaler, rank: int
         raise CheckpointError(f"{path}: cannot read the training state ({e}); delete it or use --no-resume") from None
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise CheckpointError(f"{path}: not a blipkit training state; delete it or use --no-resume")
-    diff = _diff(state["config"], objectives.model.config.to_hf())
+    diff = _diff(state["config"], architecture(objectives.model))
     if diff:
         raise CheckpointError(
             f"{path}: written by a different architecture ({'; '.join(diff[:3])}); train with the same model "
@@ -224,8 +271,14 @@ def load_state(path: Path, objectives: Objectives, opt, sched, scaler, rank: int
     if unexpected or set(missing) - tied:
         raise CheckpointError(f"{path}: parameters do not match the model (missing {missing[:3]}, unexpected "
                               f"{unexpected[:3]})")
+    own = state.get("objectives", {"temp": state.get("temp")})  # states of older versions kept only the temperature
+    want = own_parameters(objectives)
+    if set(own) != set(want):
+        raise CheckpointError(f"{path}: training parameters do not match (saved {sorted(own)[:3]}, the run has "
+                              f"{sorted(want)[:3]}); use the same stage and objectives, or --no-resume")
     with torch.no_grad():
-        objectives.temp.copy_(state["temp"])
+        for k, v in own.items():
+            objectives.get_parameter(k).copy_(v)
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
     if scaler is not None and state.get("scaler") is not None:
@@ -265,18 +318,16 @@ class _StopFlag:
 
 
 def train(
-    model: Blip, data: list[Item] | str, cfg: TrainConfig, device: str | torch.device | None = None
+    model: Blip | Recipe, data: list[Item] | str, cfg: TrainConfig, device: str | torch.device | None = None
 ) -> TrainResult:
-    """Train `model` in place on `data` (items, or a tar-shard spec) and write it to `cfg.out` in Hub format."""
-    from .. import save
-
+    """Train a BLIP model (or what a `Recipe` describes) in place on `data` (items, or a tar-shard spec) and write
+    the model to `cfg.out` in Hub format."""
+    recipe = model if isinstance(model, Recipe) else blip_recipe(model, cfg)
     rank, world, dev = distributed_setup(device)
     out = Path(cfg.out)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-    model.to(dev).train()
-    set_grad_checkpointing(model, cfg.grad_checkpointing)
-    objectives = Objectives(model, cfg.objectives).to(dev)
+    objectives = recipe.objectives.to(dev).train()
     opt = make_optimizer(objectives, cfg.lr, cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_factor(s, cfg.warmup, cfg.steps, cfg.min_lr_ratio)
@@ -291,10 +342,9 @@ def train(
     if world > 1:
         runner = nn.parallel.DistributedDataParallel(
             objectives, device_ids=[dev.index] if dev.type == "cuda" else None,
-            find_unused_parameters=set(cfg.objectives) != set(OBJECTIVES),
+            find_unused_parameters=recipe.find_unused_parameters,
         )
     end = cfg.steps if cfg.stop_after is None else min(cfg.steps, start + cfg.stop_after)
-    weights = {k: cfg.loss_weights.get(k, 1.0) for k in OBJECTIVES}
     log = open(out / LOG_FILE, "a") if rank == 0 else None  # noqa: SIM115 - closed in finally
     bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", disable=rank != 0 or not cfg.progress,
                dynamic_ncols=True)
@@ -303,23 +353,24 @@ def train(
     step, interrupted = start, False
     try:
         with _StopFlag() as stop:
-            it = batches(data, model, cfg, start, rank, world) if start < end else iter(())
+            it = batches(data, recipe, cfg, start, rank, world) if start < end else iter(())
             while step < end:
                 t0 = time.perf_counter()
                 batch = {k: v.to(dev, non_blocking=True) for k, v in next(it).items()}
-                values = _update(runner, batch, opt, sched, scaler, autocast, weights, cfg.clip)
+                values = _update(runner, batch, opt, sched, scaler, autocast, cfg.loss_weights, cfg.clip)
                 step += 1
                 dt = time.perf_counter() - t0
                 seconds += dt
                 for k, v in values.items():
                     running[k] = 0.9 * running.get(k, v) + 0.1 * v
                 last = values
-                rate = batch["pixels"].shape[0] * world / dt
+                rate = len(next(iter(batch.values()))) * world / dt  # the first entry has a row per example
                 bar.update(1)
-                bar.set_postfix(loss=f"{running['loss']:.3f}", img_s=f"{rate:.0f}")
+                bar.set_postfix({"loss": f"{running['loss']:.3f}", f"{recipe.unit}_s": f"{rate:.0f}"})
                 if log is not None and (step % cfg.log_every == 0 or step == end):
-                    row = {"step": step, "lr": sched.get_last_lr()[0], "temp": objectives.temp.item(),
-                           "img_per_s": round(rate, 1), "seconds": round(seconds, 1),
+                    temp = {"temp": objectives.temp.item()} if hasattr(objectives, "temp") else {}
+                    row = {"step": step, "lr": sched.get_last_lr()[0], **temp,
+                           f"{recipe.unit}_per_s": round(rate, 1), "seconds": round(seconds, 1),
                            **{k: round(v, 4) for k, v in values.items()}}
                     log.write(json.dumps(row) + "\n")
                     log.flush()
@@ -329,7 +380,7 @@ def train(
                     dist.all_reduce(flag)
                     stopping = bool(flag.item())
                 if step % cfg.save_every == 0 or step == end or stopping:
-                    _checkpoint(out, objectives, opt, sched, scaler, step, seconds, cfg, world, rank, save)
+                    _checkpoint(out, objectives, opt, sched, scaler, step, seconds, cfg, world, rank, recipe.save)
                 if stopping:
                     interrupted = True
                     break
@@ -337,16 +388,16 @@ def train(
         bar.close()
         if log is not None:
             log.close()
-    model.eval()
+    objectives.eval()
     return TrainResult(step, last, seconds, interrupted)
 
 
 def _update(runner: nn.Module, batch: dict[str, Tensor], opt, sched, scaler, autocast, weights: dict[str, float],
             clip: float) -> dict[str, float]:
-    """One optimiser step on `batch`; returns each loss and their weighted sum (`loss`)."""
+    """One optimiser step on `batch`; returns each loss and their weighted sum (`loss`; unlisted weights are 1)."""
     with autocast:
         losses = runner(batch)
-    total: Tensor = sum(weights[k] * v for k, v in losses.items())
+    total: Tensor = sum(weights.get(k, 1.0) * v for k, v in losses.items())
     opt.zero_grad(set_to_none=True)
     (scaler.scale(total) if scaler is not None else total).backward()
     if scaler is not None:
@@ -365,6 +416,6 @@ def _update(runner: nn.Module, batch: dict[str, Tensor], opt, sched, scaler, aut
 def _checkpoint(out: Path, objectives, opt, sched, scaler, step, seconds, cfg, world, rank, save) -> None:
     save_state(out / STATE_FILE, objectives, opt, sched, scaler, step, seconds, cfg, world)
     if rank == 0:
-        save(objectives.model, out)
+        save(out)
     if world > 1:
         dist.barrier()

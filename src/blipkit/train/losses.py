@@ -103,6 +103,16 @@ def gather(x: Tensor) -> Tensor:
     return _AllGather.apply(x)
 
 
+def gather_padded(x: Tensor, value: int = 0) -> Tensor:
+    """Concatenate (B, T) rows from every process without gradient, right-padding each to the longest T with
+    `value` (token ids and masks differ in length between processes); `x` itself when not distributed."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    width = torch.tensor([x.shape[1]], device=x.device)
+    dist.all_reduce(width, op=dist.ReduceOp.MAX)
+    return gather(F.pad(x.detach(), (0, int(width.item()) - x.shape[1]), value=value))
+
+
 class Objectives(nn.Module):
     """A `Blip` model plus the learnable ITC temperature; `forward(batch)` returns each enabled loss."""
 

@@ -76,6 +76,8 @@ def init_weights(model: nn.Module, std: float = 0.02) -> None:
     for name, p in model.named_parameters():
         if name.endswith(("class_embedding", "position_embedding")):
             nn.init.trunc_normal_(p, std=std, a=-2 * std, b=2 * std)
+        elif name == "query_tokens":  # BLIP-2's learned queries: equal ones would stay equal (same gradients)
+            nn.init.normal_(p, std=std)
         elif name.endswith("predictions.bias"):
             nn.init.zeros_(p)
 
