@@ -19,7 +19,7 @@ from blipkit.errors import CheckpointError, InputError
 from blipkit.train import data as tdata
 from blipkit.train import loop
 from blipkit.train.losses import Objectives, itc_loss, itm_loss, lm_loss, sample_hard_negatives
-from blipkit.train.model import scratch_model
+from blipkit.train.model import sample_pixels, scratch_model, whiten_patch_embedding
 from blipkit.train.vocab import SPECIALS, build_tokenizer
 
 from .conftest import torchrun
@@ -107,6 +107,26 @@ def test_objectives_all_losses(scenes):
     assert all(torch.isfinite(v) for v in losses.values())
     sum(losses.values()).backward()
     assert model.vision_model.embeddings.patch_embedding.weight.grad.abs().sum() > 0
+
+
+def test_whitened_patch_embedding_decorrelates_patches(scenes):
+    model, items = _tiny(scenes)
+    pixels = sample_pixels(model, items, n=64, seed=0)
+    assert pixels.shape == (min(64, len(items)), 3, 32, 32)
+    whiten_patch_embedding(model, pixels, gain=1.0)
+    conv = model.vision_model.embeddings.patch_embedding
+    out = torch.nn.functional.conv2d(pixels, conv.weight, conv.bias, stride=conv.stride).flatten(2).transpose(1, 2)
+    out = out.reshape(-1, out.shape[-1])
+    cov = torch.cov(out.T.double())
+    # the leading directions come out with unit variance and uncorrelated (eps shrinks the weakest ones only)
+    top = cov[:8, :8]
+    assert torch.allclose(top.diagonal(), torch.ones(8, dtype=top.dtype), atol=0.05), top.diagonal()
+    assert (top - torch.diag(top.diagonal())).abs().max() < 0.05
+
+
+def test_cli_patch_init_needs_arch(scenes, tmp_path, capsys):
+    assert cli(["train", "--data", str(scenes), "--out", str(tmp_path), "--patch-init", "whiten"]) != 0
+    assert "--patch-init" in capsys.readouterr().err
 
 
 COLOURS = ("red", "blue", "green", "yellow", "purple", "orange", "white", "black")

@@ -24,7 +24,8 @@ Running the same command again resumes from OUT/checkpoint.pt."""
 STAGES = ("blip", "qformer1", "qformer2", "lm")
 # options that only one kind of run reads: option -> the stages that take it
 STAGE_OPTIONS = {
-    "arch": ("blip",), "vqa": ("blip",), "lm_filter": ("blip",), "objectives": ("blip", "qformer1"),
+    "arch": ("blip",), "patch_init": ("blip",), "vqa": ("blip",), "lm_filter": ("blip",),
+    "objectives": ("blip", "qformer1"),
     "init_vision": ("qformer1",), "qformer_layers": ("qformer1",), "num_queries": ("qformer1",),
     "qformer_width": ("qformer1",), "qformer_init": ("qformer1",),
     "init": ("qformer2",), "lm": ("qformer2",), "prompt": ("qformer2",),
@@ -54,6 +55,9 @@ def add_commands(subparsers: argparse._SubParsersAction, common: argparse.Argume
     p.add_argument("--out", required=True, help="output directory (model, checkpoint.pt, train_log.jsonl)")
     p.add_argument("--arch", default=None, help="train from scratch with this architecture (small, tiny) and a "
                    "vocabulary built from the data, instead of fine-tuning --model")
+    p.add_argument("--patch-init", default=None, choices=["whiten", "normal"],
+                   help="with --arch: start the ViT patch embedding from the whitened principal directions of "
+                   "256 training images' patches (whiten, the default) or normal(0, 0.02)")
     p.add_argument("--steps", type=int, default=1000, help="total optimiser steps (default: 1000)")
     p.add_argument("--batch-size", type=int, default=32, help="images per step and process (default: 32)")
     p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (default: 2e-4)")
@@ -88,7 +92,8 @@ def add_commands(subparsers: argparse._SubParsersAction, common: argparse.Argume
                    help="frozen language model: an OPT or Flan-T5 directory in Hugging Face format (--stage lm)")
     b.add_argument("--prompt", default=None, help="OPT: text before each caption (pass it to caption() later)")
     b = p.add_argument_group("language model (--stage lm)")
-    b.add_argument("--lm-arch", default=None, help="architecture: small (4 layers, width 256) or tiny")
+    b.add_argument("--lm-arch", default=None,
+                   help="architecture: small (4 layers, width 256), mini (3 layers, width 192) or tiny")
     b.add_argument("--vocab-size", type=int, default=None, help="byte-level BPE vocabulary size (default: 768)")
     p.set_defaults(func=run_train)
 
@@ -136,15 +141,20 @@ def _to_train(args: argparse.Namespace, data, objectives: tuple[str, ...]):
     import blipkit
 
     if args.stage == "blip":
-        from .model import scratch_model
+        from .model import sample_pixels, scratch_model, whiten_patch_embedding
         from .vocab import build_tokenizer
 
+        if args.patch_init and not args.arch:
+            raise InputError("--patch-init initialises a model trained from scratch: give --arch too")
         if args.arch:
             if isinstance(data, str):
                 raise InputError("--arch builds its vocabulary from the data: give a dataset dir or JSON, not tar "
                                  "shards")
             texts = [t for it in data for t in it.captions] + [t for it in data for q, a in it.qa for t in (q, *a)]
-            return scratch_model(args.arch, build_tokenizer(texts), seed=args.seed)
+            model = scratch_model(args.arch, build_tokenizer(texts), seed=args.seed)
+            if (args.patch_init or "whiten") == "whiten":
+                whiten_patch_embedding(model, sample_pixels(model, data, n=256, seed=args.seed))
+            return model
         model = blipkit.load(args.model)
         if model.family != "BLIP":
             raise InputError(f"{args.model} is a {model.family} model; `blipkit train` trains BLIP (BLIP-2: --stage)")

@@ -47,6 +47,8 @@ class LMArch:
 
 LM_ARCHS: dict[str, LMArch] = {
     "small": LMArch(width=256, layers=4, heads=4, ffn=1024, positions=128),
+    # the language model of the shipped `scenes-blip2`: about 1.5 M parameters
+    "mini": LMArch(width=192, layers=3, heads=4, ffn=768, positions=64),
     # for tests: trains a few dozen steps in seconds
     "tiny": LMArch(width=32, layers=2, heads=2, ffn=64, positions=64, dropout=0.0),
 }

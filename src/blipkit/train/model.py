@@ -6,10 +6,15 @@ patches when captioning and to the question encoder's states when answering, so 
 
 from __future__ import annotations
 
+import io
+import random
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
-from torch import nn
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor, nn
 
 from ..blip import Blip
 from ..config import BlipConfig, TextConfig, VisionConfig
@@ -80,6 +85,36 @@ def init_weights(model: nn.Module, std: float = 0.02) -> None:
             nn.init.normal_(p, std=std)
         elif name.endswith("predictions.bias"):
             nn.init.zeros_(p)
+
+
+def sample_pixels(model: Blip, items: list, n: int, seed: int = 0) -> Tensor:
+    """Preprocessed pixels of `n` training items drawn without replacement (all of them when there are fewer)."""
+    rng = random.Random(seed)
+    chosen = rng.sample(items, min(n, len(items)))
+    images = [it.image if isinstance(it.image, Path) else Image.open(io.BytesIO(it.image)) for it in chosen]
+    return model.processor(images)
+
+
+@torch.no_grad()
+def whiten_patch_embedding(model: Blip, pixels: Tensor, gain: float = 0.5, eps: float = 1e-2) -> None:
+    """Set the ViT's patch embedding to the whitening of image patches (their principal directions).
+
+    A from-scratch ViT whose patch projection is random sits at chance on shape for hundreds of steps while it
+    learns colour at once; starting from the patches' principal components (each scaled by 1/sqrt(variance), so
+    every output starts with comparable variance) gives the first layer edge- and blob-like filters and shortens
+    that plateau. `pixels` are preprocessed training images (N, 3, H, W); rows beyond the number of principal
+    directions (width > 3 * patch^2) keep their random initialisation.
+    """
+    conv = model.vision_model.embeddings.patch_embedding
+    width, channels, patch, _ = conv.weight.shape
+    patches = F.unfold(pixels.float(), patch, stride=patch).transpose(1, 2).reshape(-1, channels * patch * patch)
+    patches = patches - patches.mean(0)
+    variance, directions = torch.linalg.eigh(patches.T @ patches / len(patches))  # ascending
+    k = min(width, len(variance))
+    variance, directions = variance.flip(0)[:k], directions.flip(1)[:, :k]
+    rows = (directions / (variance.clamp_min(0) + eps).sqrt()).T * gain  # (k, C * p * p)
+    conv.weight[:k].copy_(rows.reshape(k, channels, patch, patch).to(conv.weight.dtype))
+    conv.bias.zero_()
 
 
 def scratch_model(arch: str | Arch, tokenizer: Tokenizer, seed: int = 0) -> Blip:
