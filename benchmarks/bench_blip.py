@@ -13,54 +13,19 @@ import argparse
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-
-def timed(fn, repeat: int = 3) -> float:
-    """Best wall time of `repeat` runs after one warm-up."""
-    fn()
-    best = float("inf")
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
-
-
-def row(name: str, ours: float, ref: float, unit: str = "s", higher_is_better: bool = False) -> None:
-    """Print one measurement; the ratio is always blipkit's advantage (> 1 means blipkit is faster)."""
-    ratio = ours / ref if higher_is_better else ref / ours
-    print(f"{name:<46} blipkit {ours:9.4f} {unit}   transformers {ref:9.4f} {unit}   ratio {ratio:6.2f}x")
-
-
-def memory_bandwidth(megabytes: int = 1200) -> float:
-    """Bytes/s that one-row matrix products stream from memory (weights far larger than the caches)."""
-    weights = [torch.randn(3072, 768) for _ in range(megabytes * 2**20 // (3072 * 768 * 4))]
-    x = torch.randn(1, 768)
-
-    def run() -> None:
-        for w in weights:
-            torch.nn.functional.linear(x, w)
-
-    return sum(w.numel() * 4 for w in weights) / timed(run, 2)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import memory_bandwidth, row, streamed_bytes, timed  # noqa: E402
 
 
 def decode_bytes(model, context_tokens: int) -> int:
-    """Bytes one greedy decoding step must read: every decoder weight (the LM head once) and the cross-attention
-    keys/values of the image; position and token-type embeddings are looked up, not streamed."""
-    seen, total = set(), 0
-    for name, p in model.text_decoder.named_parameters():
-        if p.data_ptr() in seen or "position_embeddings" in name or "token_type" in name:
-            continue
-        seen.add(p.data_ptr())
-        total += p.numel() * p.element_size()
+    """Bytes one greedy decoding step must read: the decoder's weights and the image's cross-attention keys/values."""
     tc = model.config.text_config
-    return total + tc.num_hidden_layers * 2 * context_tokens * tc.hidden_size * 4
+    return streamed_bytes(model.text_decoder) + tc.num_hidden_layers * 2 * context_tokens * tc.hidden_size * 4
 
 
 def vision_tokens(model) -> int:

@@ -27,30 +27,13 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
-
-def timed(fn, repeat: int = 3) -> float:
-    """Best wall time of `repeat` runs after one warm-up."""
-    return compare(fn, repeat=repeat)[0]
-
-
-def compare(*fns, repeat: int = 3) -> list[float]:
-    """Best wall time of each function over `repeat` interleaved rounds after one warm-up (fair under load)."""
-    for fn in fns:
-        fn()
-    best = [float("inf")] * len(fns)
-    for _ in range(repeat):
-        for i, fn in enumerate(fns):
-            t = time.perf_counter()
-            fn()
-            best[i] = min(best[i], time.perf_counter() - t)
-    return best
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import common  # noqa: E402
+from common import compare, memory_bandwidth, streamed_bytes, timed  # noqa: E402
 
 
 def row(name: str, ours: float, ref: float, unit: str = "s", higher_is_better: bool = False) -> None:
-    """Print one measurement; the ratio is always blipkit's advantage (> 1 means blipkit is better)."""
-    ratio = ours / ref if higher_is_better else ref / ours
-    print(f"{name:<52} blipkit {ours:9.4f} {unit}   transformers {ref:9.4f} {unit}   ratio {ratio:6.2f}x")
+    common.row(name, ours, ref, unit, higher_is_better, width=52)
 
 
 def mid_config(lm: str, tok, small_lm: bool = False):
@@ -159,6 +142,9 @@ def bench_generation(lm: str, repeat: int, small_lm: bool = False) -> None:
         row(name, n_new / all_ours, n_new / all_ref, "tok/s", True)
         per_ours, per_ref = (all_ours - one_ours) / (n_new - 1), (all_ref - one_ref) / (n_new - 1)
         row("  per token after the first", per_ours * 1000, per_ref * 1000, "ms")
+        floor = streamed_bytes(ours.language_model) / memory_bandwidth()
+        print(f"{'  per-token floor at measured memory bandwidth':<52} {floor * 1000:.1f} ms (the LM's weights; best "
+              f"possible ratio on this machine {per_ref / floor:.2f}x)")
         kw = dict(max_new_tokens=n_new, min_new_tokens=n_new, num_beams=1)
         got, _ = ours._generate(image, prompt, GenerationConfig(**kw))
         want = ref.generate(pixel_values=image, input_ids=ids, **kw)[0].tolist()

@@ -89,11 +89,14 @@ def load(
     Args:
         name_or_path: e.g. "scenes-blip", "./my-checkpoint", "blip-itm-base-coco", "Salesforce/blip-vqa-base".
         device: where the weights go (default: CPU).
-        dtype: float32 / bfloat16 / float16 (default: as stored).
+        dtype: float32 / bfloat16 / float16 (default: as stored, except that the shipped models, stored in
+            float16 to keep the package small, load as float32).
     """
     from . import checkpoint, processing
 
     dtype = _dtype(dtype)
+    if dtype is None and str(name_or_path) in shipped_models():
+        dtype = torch.float32
     presets = {k: v[0] for k, v in _presets().items()}
     directory = checkpoint.resolve(name_or_path, shipped_models(), presets)
     raw = checkpoint.read_config(directory)
