@@ -1,4 +1,5 @@
-"""Evaluation metrics on hand-computed examples, and `blipkit eval` end to end on a tiny model."""
+"""Evaluation metrics on hand-computed examples, and `blipkit eval` end to end on tiny BLIP and BLIP-2 models (the
+BLIP-2 retrieval numbers against a brute-force computation from `similarity` and `itm_logits`)."""
 
 from __future__ import annotations
 
@@ -19,8 +20,11 @@ from blipkit.train.eval import (
     evaluate,
     normalize_answer,
     recall_at,
+    rerank,
     vqa_accuracy,
 )
+
+from .conftest import spread_weights
 
 
 def test_bleu_by_hand():
@@ -60,6 +64,28 @@ def test_recall_at_by_hand():
     assert r["TR@1"] == 50.0 and r["TR@2"] == 100.0
     # text 0 -> image 1 first (miss at 1); text 1 -> image 0 (hit); text 2 -> image 0 first (miss)
     assert r["IR@1"] == pytest.approx(100 / 3) and r["IR@2"] == 100.0
+
+
+def test_rerank_by_hand():
+    # 2 images, 3 texts (text 0, 1 -> image 0; text 2 -> image 1); the ITC top k of each row and column are re-scored
+    # with ITM logit + ITC, the rest scores -100
+    sim = torch.tensor([[0.1, 0.9, 0.5], [0.8, 0.2, 0.3]])
+    itm = torch.tensor([[0.0, -5.0, 0.0], [0.0, 0.0, 0.0]])
+    seen = []
+
+    def score(image_rows, text_rows):
+        seen.extend(zip(image_rows.tolist(), text_rows.tolist(), strict=True))
+        return itm[image_rows, text_rows]
+
+    # k = 1: image 0 -> text 1, image 1 -> text 0; text 0 -> image 1, text 1 -> image 0, text 2 -> image 0
+    r = rerank(sim, score, ["a", "b", "c"], [0, 0, 1], k=1)
+    assert sorted(seen) == [(0, 1), (0, 2), (1, 0)]  # (0, 1) and (1, 0) are wanted twice but scored once
+    assert r["TR@1"] == 50.0 and r["IR@1"] == pytest.approx(100 / 3)  # image 0 -> text 1 and text 1 -> image 0 hit
+    # k = 2: the ITM logit of (image 0, text 1) pushes text 1 below text 2 and image 0 below image 1
+    r = rerank(sim, score, ["a", "b", "c"], [0, 0, 1], k=2)
+    assert r["TR@1_itc"] == 50.0 and r["IR@1_itc"] == pytest.approx(100 / 3)
+    assert r["TR@1"] == 0.0 and r["TR@5"] == 100.0 and r["IR@1"] == 0.0 and r["IR@5"] == 100.0
+    assert r["TR@1_any"] == 0.0 and r["IR@1_any"] == 0.0 and r["R_mean"] == pytest.approx(400 / 6)
 
 
 def test_vqa_normalisation():
@@ -111,3 +137,109 @@ def test_eval_cli_json_and_bad_input(tiny_run, tmp_path, capsys):
     assert cli(["eval", "--model", str(out), "--data", str(root), "--split", "dev"]) == 2
     assert "no split 'dev'" in capsys.readouterr().err
     assert loop.STATE_FILE in {p.name for p in out.iterdir()}
+
+
+# ------------------------------------------------------------------------------------------------ BLIP-2
+
+
+@pytest.fixture(scope="module")
+def blip2_dirs(tiny_run, tmp_path_factory):
+    """A tiny BLIP-2 retrieval model (stage 1 on the tiny BLIP's ViT) and a generation model with a tiny OPT."""
+    import blipkit
+    from blipkit.train.blip2_stages import stage1_model, stage2_model
+    from blipkit.train.data import load_items
+    from blipkit.train.lm import build_bpe_tokenizer, scratch_lm
+
+    root, out = tiny_run
+    retrieval = stage1_model(blipkit.load(out), num_queries=4)
+    spread_weights(retrieval, seed=1)  # images and texts get distinct scores, so a wrong pairing shows
+    tok = build_bpe_tokenizer([c for it in load_items(root, "train").items for c in it.captions], vocab_size=300)
+    generation = stage2_model(retrieval, scratch_lm("tiny", tok), tok)
+    spread_weights(generation.language_model, seed=2)  # decoding is not one token forever
+    base = tmp_path_factory.mktemp("blip2")
+    return blipkit.save(retrieval, base / "retrieval"), blipkit.save(generation, base / "generation")
+
+
+def brute_force_retrieval(model, images: list, texts: list[str], owner: list[int], k: int) -> dict[str, float]:
+    """The retrieval metrics from the full `similarity` and `itm_logits` matrices, one image / text at a time."""
+    with torch.no_grad():
+        px = model.pixels(images)
+        sim = model.similarity(px, texts)
+        itm = model.itm_logits(px, texts)[..., 1]
+    score = itm + sim
+    own = [{texts[j] for j in range(len(texts)) if owner[j] == i} for i in range(len(images))]
+    out = {}
+    tr, tr_itc, tr_any = [], [], []
+    for i in range(len(images)):
+        top = sorted(sim[i].topk(k).indices.tolist(), key=lambda j: -float(score[i, j]))
+        tr.append(next((r for r, j in enumerate(top) if owner[j] == i), len(texts)))
+        tr_itc.append(int(sim[i].argmax()) in {j for j in range(len(texts)) if owner[j] == i})
+        tr_any.append(texts[top[0]] in own[i])
+    ir, ir_itc, ir_any = [], [], []
+    for j in range(len(texts)):
+        top = sorted(sim[:, j].topk(min(k, len(images))).indices.tolist(), key=lambda i: -float(score[i, j]))
+        ir.append(top.index(owner[j]) if owner[j] in top else len(images))
+        ir_itc.append(int(sim[:, j].argmax()) == owner[j])
+        ir_any.append(texts[j] in own[top[0]])
+    for K in (1, 5, 10):
+        out[f"TR@{K}"] = 100.0 * sum(r < K for r in tr) / len(tr)
+        out[f"IR@{K}"] = 100.0 * sum(r < K for r in ir) / len(ir)
+    out["TR@1_itc"], out["IR@1_itc"] = 100.0 * sum(tr_itc) / len(tr), 100.0 * sum(ir_itc) / len(ir)
+    out["TR@1_any"], out["IR@1_any"] = 100.0 * sum(tr_any) / len(tr), 100.0 * sum(ir_any) / len(ir)
+    out["R_mean"] = sum(out[f"{d}@{K}"] for d in ("TR", "IR") for K in (1, 5, 10)) / 6
+    return out
+
+
+def test_evaluate_blip2_retrieval_equals_brute_force(tiny_run, blip2_dirs):
+    import blipkit
+    from blipkit.train.data import load_items
+    from blipkit.train.eval import itm_scorer
+
+    root, _ = tiny_run
+    model = blipkit.load(blip2_dirs[0])
+    assert model.family == "BLIP-2" and not model.has("language_model")
+    report = evaluate(model, root, "test", k=10)
+    items = load_items(root, "test").items
+    texts = [c for it in items for c in it.captions]
+    owner = [i for i, it in enumerate(items) for _ in it.captions]
+    want = brute_force_retrieval(model, [it.image for it in items], texts, owner, k=10)
+    m = report["metrics"]
+    assert {key: m[key] for key in want} == pytest.approx({key: round(v, 2) for key, v in want.items()}, abs=0.011)
+    assert 0 < m["TR@1"] < 100 or 0 < m["IR@1"] < 100  # the scores tell images apart, but not perfectly
+    assert 0.0 <= m["pointing_acc"] <= 100.0 and report["counts"]["grounding_phrases"] > 0  # GradCAM on the Q-Former
+    assert set(report["skipped"]) == {"caption", "vqa"} and "language model" in report["skipped"]["caption"]
+    # the pair scorer: each pair's ITM logit as `itm_logits` gives it over all pairs
+    with torch.no_grad():
+        px = model.pixels([it.image for it in items])
+        full = model.itm_logits(px, texts)[..., 1]
+        rows, cols = torch.tensor([0, 5, 5, 2, 0]), torch.tensor([3, 0, 29, 7, 4])
+        got = itm_scorer(model, model.image_features(px), texts)(rows, cols)
+    assert torch.allclose(got, full[rows, cols], atol=1e-5)
+
+
+def test_evaluate_blip2_generation(tiny_run, blip2_dirs, capsys):
+    import blipkit
+    from blipkit.train.data import load_items
+
+    root, _ = tiny_run
+    model = blipkit.load(blip2_dirs[1])
+    assert model.family == "BLIP-2" and not model.has("itm_head")
+    report = evaluate(model, root, "test", num_beams=2)
+    m = report["metrics"]
+    for key in ("BLEU-4", "CIDEr", "VQA_acc", "caption_colour_shape_acc", "caption_coverage", "caption_all_true"):
+        assert key in m and 0.0 <= m[key] <= 1000.0, key
+    assert set(report["skipped"]) == {"retrieval", "grounding"}
+    assert "ITC/ITM" in report["skipped"]["retrieval"] and "ITM" in report["skipped"]["grounding"]
+    # captions and answers from the features computed once equal the model's own from the images
+    items = load_items(root, "test").items
+    images = [it.image for it in items]
+    assert [c["caption"] for c in report["captions"]] == model.caption(images, num_beams=2, min_new_tokens=1)
+    qa = [(it.image, q) for it in items for q, _ in it.qa]
+    assert report["counts"]["questions"] == len(qa) == len(report["answers"])
+    first = [a["answer"] for a in report["answers"][:4]]
+    assert first == model.answer([i for i, _ in qa[:4]], [q for _, q in qa[:4]], num_beams=1)
+    # the command line
+    assert cli(["eval", "--model", str(blip2_dirs[1]), "--data", str(root), "--tasks", "caption,retrieval",
+                "--limit", "2", "--num-beams", "1"]) == 0
+    shown = capsys.readouterr().out
+    assert "BLEU-4" in shown and "retrieval" in shown and "skipped" in shown

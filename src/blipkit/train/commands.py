@@ -34,7 +34,9 @@ STAGE_OPTIONS = {
 
 EVAL_EXAMPLES = """examples:
   blipkit eval --data data/scenes --split test
-  blipkit eval --data coco_karpathy_test.json --image-root coco/ --tasks retrieval,caption --k 128 --json"""
+  blipkit eval --data coco_karpathy_test.json --image-root coco/ --tasks retrieval,caption --k 128 --json
+  blipkit eval --model runs/qformer1 --data data/scenes    # BLIP-2 retrieval: retrieval, grounding
+  blipkit eval --model runs/blip2 --data data/scenes       # BLIP-2 generation: captioning, VQA"""
 
 
 def add_commands(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -98,8 +100,9 @@ def add_commands(subparsers: argparse._SubParsersAction, common: argparse.Argume
     p.set_defaults(func=run_train)
 
     e = subparsers.add_parser("eval", parents=[common], help="retrieval, captioning, VQA and grounding metrics",
-                              description="Evaluate a model on a split: retrieval TR/IR@1/5/10 (ITC, then ITM "
-                              "re-ranking of the top k), captioning BLEU-4 / CIDEr, VQA accuracy, grounding.",
+                              description="Evaluate a BLIP or BLIP-2 model on a split: retrieval TR/IR@1/5/10 (ITC, "
+                              "then ITM re-ranking of the top k), captioning BLEU-4 / CIDEr, VQA accuracy, grounding. "
+                              "Tasks the model has no parts for are reported as skipped.",
                               epilog=EVAL_EXAMPLES, formatter_class=fmt)
     e.add_argument("--data", required=True, help="scenes dataset dir or Karpathy JSON (+ --vqa)")
     e.add_argument("--split", default="test", help="split of a scenes dir (default: test)")
