@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from .base import BlipBase, ImageInput, TextInput, as_list
 from .config import BlipConfig, checkpoints_with
 from .errors import InputError
-from .generate import GenerationConfig, generate
+from .generate import GenerationConfig, caption_config, generate, with_scores
 from .text import TextLMHeadModel, TextModel
 from .vision import VisionModel
 
@@ -167,17 +167,8 @@ class Blip(BlipBase):
         if len(prompts) != n:
             raise InputError(f"got {len(prompts)} prompts for {n} images")
         ids, mask = self._prompt_ids(prompts)
-        gen = GenerationConfig(
-            max_new_tokens=max_new_tokens,
-            min_new_tokens=min_new_tokens,
-            num_beams=1 if do_sample else num_beams,
-            do_sample=do_sample,
-            temperature=temperature,
-            top_p=top_p if do_sample else 1.0,
-            repetition_penalty=repetition_penalty,
-            length_penalty=length_penalty,
-            num_return_sequences=num_captions,
-        )
+        gen = caption_config(num_beams, max_new_tokens, min_new_tokens, repetition_penalty, do_sample, temperature,
+                             top_p, num_captions, length_penalty)
         out = self._decode(feats, None, ids, mask, gen)
         k = num_captions
         texts = []
@@ -185,8 +176,7 @@ class Blip(BlipBase):
             i = r // k
             full = ids[i][mask[i].bool()].tolist() + toks
             texts.append(self.tokenizer.decode(full))
-        items = [(t, float(s)) for t, s in zip(texts, out.scores, strict=True)] if return_scores else texts
-        return items if k == 1 else [items[i * k : (i + 1) * k] for i in range(n)]
+        return with_scores(texts, out, k, n, return_scores)
 
     def _prompt_ids(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
         """Decoder prompts: `[DEC]` + prompt tokens (no `[SEP]`), left-padded so every row continues at its end."""

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from .base import BlipBase, ImageInput, TextInput, as_list
 from .blip2_config import Blip2Config, checkpoints_with
 from .errors import InputError
-from .generate import Generated, GenerationConfig, generate
+from .generate import Generated, GenerationConfig, caption_config, generate, with_scores
 from .lm import OPTForCausalLM, T5ForConditionalGeneration
 from .qformer import QFormer, QFormerEmbeddings
 from .vision import VisionModel
@@ -254,17 +254,8 @@ class Blip2(BlipBase):
         With `num_captions > 1` each image gets a list. With `return_scores=True` each caption comes as
         `(text, log_probability)`, the summed log-probability of its generated tokens.
         """
-        gen = GenerationConfig(
-            max_new_tokens=max_new_tokens,
-            min_new_tokens=min_new_tokens,
-            num_beams=1 if do_sample else num_beams,
-            do_sample=do_sample,
-            temperature=temperature,
-            top_p=top_p if do_sample else 1.0,
-            repetition_penalty=repetition_penalty,
-            length_penalty=length_penalty,
-            num_return_sequences=num_captions,
-        )
+        gen = caption_config(num_beams, max_new_tokens, min_new_tokens, repetition_penalty, do_sample, temperature,
+                             top_p, num_captions, length_penalty)
         self.require("caption", "language_model")
         out, rows = self._generate(images, prompt, gen)
         k, continues = num_captions, self.config.lm_type == "opt"
@@ -272,8 +263,7 @@ class Blip2(BlipBase):
             self.tokenizer.decode((rows[r // k] if continues else []) + toks).strip()
             for r, toks in enumerate(out.tokens)
         ]
-        items = [(t, float(s)) for t, s in zip(texts, out.scores, strict=True)] if return_scores else texts
-        return items if k == 1 else [items[i * k : (i + 1) * k] for i in range(len(rows))]
+        return with_scores(texts, out, k, len(rows), return_scores)
 
     @torch.no_grad()
     def generate(

@@ -60,6 +60,31 @@ class GenerationConfig:
             )
 
 
+def caption_config(
+    num_beams: int, max_new_tokens: int, min_new_tokens: int, repetition_penalty: float, do_sample: bool,
+    temperature: float, top_p: float, num_captions: int, length_penalty: float,
+) -> GenerationConfig:
+    """The `GenerationConfig` of a `caption(...)` call: sampling draws one sequence per caption (no beams) and
+    `top_p` applies only when sampling."""
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=min_new_tokens,
+        num_beams=1 if do_sample else num_beams,
+        do_sample=do_sample,
+        temperature=temperature,
+        top_p=top_p if do_sample else 1.0,
+        repetition_penalty=repetition_penalty,
+        length_penalty=length_penalty,
+        num_return_sequences=num_captions,
+    )
+
+
+def with_scores(texts: list[str], gen: Generated, k: int, n: int, return_scores: bool) -> list:
+    """What `caption` returns: texts (or (text, log-probability) pairs), grouped per image when k > 1."""
+    items = [(t, float(s)) for t, s in zip(texts, gen.scores, strict=True)] if return_scores else texts
+    return items if k == 1 else [items[i * k : (i + 1) * k] for i in range(n)]
+
+
 @dataclass
 class Generated:
     """New tokens per returned row (prompt removed, end token kept) and each row's summed log-probability."""
