@@ -20,6 +20,7 @@ from blipkit.train import data as tdata
 from blipkit.train import loop
 from blipkit.train.losses import Objectives, itc_loss, itm_loss, lm_loss, sample_hard_negatives
 from blipkit.train.model import sample_pixels, scratch_model, whiten_patch_embedding
+from blipkit.train.tags import TAG_HEAD_FILE, TAGS_FILE, build_tags, caption_tags, tag_targets
 from blipkit.train.vocab import SPECIALS, build_tokenizer
 
 from .conftest import torchrun
@@ -127,6 +128,44 @@ def test_whitened_patch_embedding_decorrelates_patches(scenes):
 def test_cli_patch_init_needs_arch(scenes, tmp_path, capsys):
     assert cli(["train", "--data", str(scenes), "--out", str(tmp_path), "--patch-init", "whiten"]) != 0
     assert "--patch-init" in capsys.readouterr().err
+
+
+def test_caption_tags_and_vocabulary():
+    assert caption_tags(["A Red circle.", "a red square"]) == {
+        "a", "red", "circle", ".", "square", "a red", "red circle", "circle .", "red square"}
+    items = [tdata.Item(Path(f"{i}.png"), f"{i}.png", [f"a {c} circle", "an image"]) for i, c in
+             enumerate(["red"] * 3 + ["blue"] * 2 + ["green"])]
+    # "a", "circle", "an image" are used by every image (more than half), "green" by one (fewer than 2)
+    assert build_tags(items, min_count=2, max_share=0.5) == ["a blue", "a red", "blue", "blue circle", "red",
+                                                             "red circle"]
+    targets = tag_targets(items, ["blue", "red circle"])
+    assert targets[tdata._key("0.png")].tolist() == [0.0, 1.0]
+    assert targets[tdata._key("3.png")].tolist() == [1.0, 0.0]
+    with pytest.raises(InputError, match="at least 50"):
+        build_tags(items, min_count=50)
+
+
+def test_cli_tags_stage_then_blip_from_it(scenes, tmp_path):
+    out = tmp_path / "vit"
+    args = ["train", "--stage", "tags", "--data", str(scenes), "--arch", "tiny", "--out", str(out), "--steps", "40",
+            "--batch-size", "8", "--lr", "2e-3", "--warmup", "5", "--tag-min-count", "3", "--log-every", "1",
+            "--json"]
+    assert cli(args) == 0
+    rows = [json.loads(line) for line in (out / loop.LOG_FILE).read_text().splitlines()]
+    assert sum(r["tags"] for r in rows[-5:]) < sum(r["tags"] for r in rows[:5]) - 0.1
+    tags = json.loads((out / TAGS_FILE).read_text())
+    assert "red" in tags and (out / TAG_HEAD_FILE).is_file()
+    model = blipkit.load(out)
+    start = scratch_model("tiny", model.tokenizer, seed=0)
+    trained = model.vision_model.encoder.layers[0].mlp.fc1.weight
+    assert not torch.equal(trained, start.vision_model.encoder.layers[0].mlp.fc1.weight)
+    # only the image encoder trains in this stage
+    assert torch.equal(model.text_decoder.bert.embeddings.word_embeddings.weight,
+                       start.text_decoder.bert.embeddings.word_embeddings.weight)
+    blip = tmp_path / "blip"
+    assert cli(["train", "--data", str(scenes), "--model", str(out), "--out", str(blip), "--steps", "2",
+                "--batch-size", "4", "--json"]) == 0
+    assert torch.equal(blipkit.load(blip).tokenizer("a red circle")[0], model.tokenizer("a red circle")[0])
 
 
 COLOURS = ("red", "blue", "green", "yellow", "purple", "orange", "white", "black")

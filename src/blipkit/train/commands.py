@@ -13,6 +13,7 @@ from .losses import OBJECTIVES
 
 TRAIN_EXAMPLES = """examples:
   blipkit train --data data/scenes --arch small --out runs/scenes-blip --steps 5000
+  blipkit train --stage tags --data data/scenes --arch small --out runs/vit --steps 3000   # then --model runs/vit
   blipkit train --data coco_karpathy_train.json --image-root coco/ --out runs/ft   # fine-tunes --model
   blipkit train --data 'shards/train-{000..031}.tar' --out runs/wds --objectives itc,itm,lm
   torchrun --nproc_per_node=2 -m blipkit.cli train --data data/scenes --arch small --out runs/ddp
@@ -21,11 +22,11 @@ BLIP-2 (stage 1, a language model, stage 2):
   blipkit train --stage lm --data data/scenes --lm-arch small --out runs/opt-scenes
   blipkit train --stage qformer2 --data data/scenes --init runs/qformer1 --lm runs/opt-scenes --out runs/blip2
 Running the same command again resumes from OUT/checkpoint.pt."""
-STAGES = ("blip", "qformer1", "qformer2", "lm")
+STAGES = ("blip", "tags", "qformer1", "qformer2", "lm")
 # options that only one kind of run reads: option -> the stages that take it
 STAGE_OPTIONS = {
-    "arch": ("blip",), "patch_init": ("blip",), "vqa": ("blip",), "lm_filter": ("blip",),
-    "objectives": ("blip", "qformer1"),
+    "arch": ("blip", "tags"), "patch_init": ("blip", "tags"), "tag_min_count": ("tags",), "vqa": ("blip",),
+    "lm_filter": ("blip",), "objectives": ("blip", "qformer1"),
     "init_vision": ("qformer1",), "qformer_layers": ("qformer1",), "num_queries": ("qformer1",),
     "qformer_width": ("qformer1",), "qformer_init": ("qformer1",),
     "init": ("qformer2",), "lm": ("qformer2",), "prompt": ("qformer2",),
@@ -48,7 +49,8 @@ def add_commands(subparsers: argparse._SubParsersAction, common: argparse.Argume
                               "lm). Writes a Hub-format model to --out and resumes from its checkpoint.",
                               epilog=TRAIN_EXAMPLES, formatter_class=fmt)
     p.add_argument("--stage", default="blip", choices=STAGES,
-                   help="blip (default): BLIP; qformer1 / qformer2: BLIP-2 stage 1 / 2; lm: an OPT on the captions")
+                   help="blip (default): BLIP; tags: pretrain BLIP's ViT on caption tags; qformer1 / qformer2: "
+                   "BLIP-2 stage 1 / 2; lm: an OPT on the captions")
     p.add_argument("--data", required=True, help="scenes dataset dir, Karpathy JSON, image folder, or tar shards")
     p.add_argument("--split", default="train", help="split of a scenes dir or original Karpathy JSON (default: train)")
     p.add_argument("--image-root", default=None, help="directory image paths are relative to")
@@ -60,6 +62,9 @@ def add_commands(subparsers: argparse._SubParsersAction, common: argparse.Argume
     p.add_argument("--patch-init", default=None, choices=["whiten", "normal"],
                    help="with --arch: start the ViT patch embedding from the whitened principal directions of "
                    "256 training images' patches (whiten, the default) or normal(0, 0.02)")
+    p.add_argument("--tag-min-count", type=int, default=None,
+                   help="--stage tags: a caption word or word pair is a tag when at least this many images use it "
+                   "(default: 20) and at most half of them")
     p.add_argument("--steps", type=int, default=1000, help="total optimiser steps (default: 1000)")
     p.add_argument("--batch-size", type=int, default=32, help="images per step and process (default: 32)")
     p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (default: 2e-4)")
@@ -139,29 +144,42 @@ def _check_stage_options(args: argparse.Namespace) -> None:
             raise InputError(f"{flag} is for --stage {' / '.join(stages)}; this run is --stage {args.stage}")
 
 
+def _blip_model(args: argparse.Namespace, data):
+    """The BLIP model a run starts from: a new one of `--arch` (vocabulary from the data), or `--model`."""
+    import blipkit
+
+    from .model import sample_pixels, scratch_model, whiten_patch_embedding
+    from .vocab import build_tokenizer
+
+    if args.patch_init and not args.arch:
+        raise InputError("--patch-init initialises a model trained from scratch: give --arch too")
+    if args.arch:
+        if isinstance(data, str):
+            raise InputError("--arch builds its vocabulary from the data: give a dataset dir or JSON, not tar shards")
+        texts = [t for it in data for t in it.captions] + [t for it in data for q, a in it.qa for t in (q, *a)]
+        model = scratch_model(args.arch, build_tokenizer(texts), seed=args.seed)
+        if (args.patch_init or "whiten") == "whiten":
+            whiten_patch_embedding(model, sample_pixels(model, data, n=256, seed=args.seed))
+        return model
+    model = blipkit.load(args.model)
+    if model.family != "BLIP":
+        raise InputError(f"{args.model} is a {model.family} model; `blipkit train` trains BLIP (BLIP-2: --stage)")
+    return model.float()
+
+
 def _to_train(args: argparse.Namespace, data, objectives: tuple[str, ...]):
     """What the run trains: a BLIP model (the default stage) or the `Recipe` of a BLIP-2 stage or the LM."""
     import blipkit
 
     if args.stage == "blip":
-        from .model import sample_pixels, scratch_model, whiten_patch_embedding
-        from .vocab import build_tokenizer
+        return _blip_model(args, data)
+    if args.stage == "tags":
+        from .tags import tags_recipe
 
-        if args.patch_init and not args.arch:
-            raise InputError("--patch-init initialises a model trained from scratch: give --arch too")
-        if args.arch:
-            if isinstance(data, str):
-                raise InputError("--arch builds its vocabulary from the data: give a dataset dir or JSON, not tar "
-                                 "shards")
-            texts = [t for it in data for t in it.captions] + [t for it in data for q, a in it.qa for t in (q, *a)]
-            model = scratch_model(args.arch, build_tokenizer(texts), seed=args.seed)
-            if (args.patch_init or "whiten") == "whiten":
-                whiten_patch_embedding(model, sample_pixels(model, data, n=256, seed=args.seed))
-            return model
-        model = blipkit.load(args.model)
-        if model.family != "BLIP":
-            raise InputError(f"{args.model} is a {model.family} model; `blipkit train` trains BLIP (BLIP-2: --stage)")
-        return model.float()
+        if isinstance(data, str):
+            raise InputError("--stage tags reads every caption of an image: give a dataset dir or JSON, not tar "
+                             "shards")
+        return tags_recipe(_blip_model(args, data), data, min_count=args.tag_min_count or 20)
     if args.stage == "lm":
         from ..processing import Tokenizer
         from .lm import LM_ARCHS, build_bpe_tokenizer, lm_recipe, scratch_lm

@@ -19,13 +19,16 @@ def _normalizer() -> normalizers.BertNormalizer:
     return normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=True)
 
 
+def words_in(text: str) -> list[str]:
+    """The words of `text` in order, after BERT normalisation (lower case, accents stripped) and pre-tokenisation."""
+    return [word for word, _ in pre_tokenizers.BertPreTokenizer().pre_tokenize_str(_normalizer().normalize_str(text))]
+
+
 def words_of(texts: Iterable[str]) -> list[str]:
     """Distinct words of `texts` after BERT normalisation and pre-tokenisation, in order of first appearance."""
-    norm, pre = _normalizer(), pre_tokenizers.BertPreTokenizer()
     seen: dict[str, None] = {}
     for text in texts:
-        for word, _ in pre.pre_tokenize_str(norm.normalize_str(text)):
-            seen[word] = None
+        seen.update(dict.fromkeys(words_in(text)))
     return list(seen)
 
 

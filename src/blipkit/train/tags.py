@@ -1,0 +1,115 @@
+"""Image-encoder pretraining on tags read from captions (`blipkit train --stage tags`).
+
+BLIP starts from a ViT pretrained on image classification. A model trained from scratch has no such encoder, and
+its ViT learns what is cheap first (colour) and what needs several patches (shape) very late, if ever, under the
+image-text objectives alone. This stage gives the ViT a classification start without any labels beyond the captions:
+the tags of an image are the words and adjacent word pairs ("red", "red circle") its captions use, kept when they
+occur for at least `min_count` images and for at most `max_share` of them (so "a", "of" and "image" drop out), and
+the ViT's `[CLS]` output learns to predict them (multi-label binary cross-entropy through a linear head). Word pairs
+carry the binding of attributes to objects that single words lose.
+
+The stage trains the image encoder of a full BLIP model (built with `--arch`, its tokenizer built from the data, as
+for BLIP training from scratch) and saves that model, so the next run continues from it with every objective:
+`blipkit train --model OUT ...`. The tag head and the tag list are saved beside it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from ..blip import Blip
+from ..errors import InputError
+from .data import Item, Sample, _key
+from .loop import Recipe
+from .vocab import words_in
+
+TAG_HEAD_FILE = "tag_head.safetensors"
+TAGS_FILE = "tags.json"
+
+
+def caption_tags(captions: Iterable[str]) -> set[str]:
+    """Words and adjacent word pairs of the captions (BERT-normalised, lower case)."""
+    tags: set[str] = set()
+    for caption in captions:
+        words = words_in(caption)
+        tags.update(words)
+        tags.update(f"{a} {b}" for a, b in zip(words, words[1:], strict=False))
+    return tags
+
+
+def build_tags(items: list[Item], min_count: int = 20, max_share: float = 0.5) -> list[str]:
+    """The tag vocabulary of a dataset: caption tags used by at least `min_count` and at most `max_share` of images."""
+    counts = Counter(tag for it in items for tag in caption_tags(it.captions))
+    limit = max_share * len(items)
+    tags = sorted(t for t, n in counts.items() if min_count <= n <= limit)
+    if not tags:
+        raise InputError(f"no caption word is used by at least {min_count} and at most {max_share:.0%} of the "
+                         f"{len(items)} images; tags need more (or more varied) captions")
+    return tags
+
+
+def tag_targets(items: list[Item], tags: list[str]) -> dict[int, Tensor]:
+    """Image key -> multi-hot float vector over `tags`."""
+    index = {t: i for i, t in enumerate(tags)}
+    out = {}
+    for it in items:
+        target = torch.zeros(len(tags))
+        for tag in caption_tags(it.captions):
+            if tag in index:
+                target[index[tag]] = 1.0
+        out[_key(it.key)] = target
+    return out
+
+
+class TagCollate:
+    """Samples -> {"pixels", "tags"}: the multi-hot tags of each sample's image."""
+
+    def __init__(self, targets: dict[int, Tensor]):
+        self.targets = targets
+
+    def __call__(self, samples: list[Sample]) -> dict[str, Tensor]:
+        return {"pixels": torch.stack([s.pixels for s in samples]),
+                "tags": torch.stack([self.targets[s.image_key] for s in samples])}
+
+
+class TagObjectives(nn.Module):
+    """BLIP's ViT with a linear tag head on its `[CLS]` output; forward returns {"tags": BCE}."""
+
+    def __init__(self, model: Blip, num_tags: int):
+        super().__init__()
+        self.model = model
+        self.tag_head = nn.Linear(model.config.vision_config.hidden_size, num_tags)
+        nn.init.normal_(self.tag_head.weight, std=0.02)
+        nn.init.zeros_(self.tag_head.bias)
+
+    def logits(self, pixels: Tensor) -> Tensor:
+        """(N, 3, H, W) -> (N, tags) tag logits."""
+        return self.tag_head(self.model.vision_model(pixels)[:, 0])
+
+    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {"tags": F.binary_cross_entropy_with_logits(self.logits(batch["pixels"]), batch["tags"])}
+
+
+def tags_recipe(model: Blip, items: list[Item], min_count: int = 20, max_share: float = 0.5) -> Recipe:
+    """The tags stage on the loop: trains `model.vision_model`; saves the whole model, the tag head and the tags."""
+    from .. import save
+
+    tags = build_tags(items, min_count, max_share)
+    objectives = TagObjectives(model, len(tags))
+
+    def write(directory: Path) -> None:
+        save(model, directory)
+        head = {k: v.detach().cpu().contiguous() for k, v in objectives.tag_head.state_dict().items()}
+        save_file(head, str(Path(directory) / TAG_HEAD_FILE))
+        (Path(directory) / TAGS_FILE).write_text(json.dumps(tags, indent=0) + "\n")
+
+    return Recipe(objectives, TagCollate(tag_targets(items, tags)), model.processor, write,
+                  find_unused_parameters=True)
