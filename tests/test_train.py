@@ -20,7 +20,7 @@ from blipkit.train import data as tdata
 from blipkit.train import loop
 from blipkit.train.losses import Objectives, itc_loss, itm_loss, lm_loss, sample_hard_negatives
 from blipkit.train.model import sample_pixels, scratch_model, whiten_patch_embedding
-from blipkit.train.tags import TAG_HEAD_FILE, TAGS_FILE, build_tags, caption_tags, tag_targets
+from blipkit.train.tags import TAG_HEAD_FILE, TAGS_FILE, build_tags, caption_tags, read_labels, tag_targets
 from blipkit.train.vocab import SPECIALS, build_tokenizer
 
 from .conftest import torchrun
@@ -143,6 +143,24 @@ def test_caption_tags_and_vocabulary():
     assert targets[tdata._key("3.png")].tolist() == [1.0, 0.0]
     with pytest.raises(InputError, match="at least 50"):
         build_tags(items, min_count=50)
+
+
+def test_tags_from_labels_and_scene_boxes(scenes, tmp_path):
+    items = tdata.load_items(scenes, "train").items
+    labels = read_labels(scenes / "annotations" / "train_boxes.json")
+    boxes = {e["image"]: e["objects"] for e in json.loads((scenes / "annotations" / "train_boxes.json").read_text())}
+    first = items[0]
+    o = boxes[first.key][0]
+    assert {o["colour"], o["shape"], f"{o['colour']} {o['shape']}"} <= labels[first.key]
+    tags = build_tags(items, min_count=1, labels=labels)
+    target = tag_targets(items, tags, labels)[tdata._key(first.key)]
+    assert {tags[i] for i in target.nonzero().flatten().tolist()} == labels[first.key]
+    (tmp_path / "labels.json").write_text(json.dumps({it.key: ["x"] for it in items[1:]}))
+    with pytest.raises(InputError, match=f"no labels for 1 of {len(items)} images"):
+        build_tags(items, labels=read_labels(tmp_path / "labels.json"))
+    (tmp_path / "bad.json").write_text(json.dumps([{"image": "a.png"}]))
+    with pytest.raises(InputError, match="entry 0"):
+        read_labels(tmp_path / "bad.json")
 
 
 def test_cli_tags_stage_then_blip_from_it(scenes, tmp_path):

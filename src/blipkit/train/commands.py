@@ -25,8 +25,8 @@ Running the same command again resumes from OUT/checkpoint.pt."""
 STAGES = ("blip", "tags", "qformer1", "qformer2", "lm")
 # options that only one kind of run reads: option -> the stages that take it
 STAGE_OPTIONS = {
-    "arch": ("blip", "tags"), "patch_init": ("blip", "tags"), "tag_min_count": ("tags",), "vqa": ("blip",),
-    "lm_filter": ("blip",), "objectives": ("blip", "qformer1"),
+    "arch": ("blip", "tags"), "patch_init": ("blip", "tags"), "tag_min_count": ("tags",), "tags": ("tags",),
+    "vqa": ("blip",), "lm_filter": ("blip",), "objectives": ("blip", "qformer1"),
     "init_vision": ("qformer1",), "qformer_layers": ("qformer1",), "num_queries": ("qformer1",),
     "qformer_width": ("qformer1",), "qformer_init": ("qformer1",),
     "init": ("qformer2",), "lm": ("qformer2",), "prompt": ("qformer2",),
@@ -62,6 +62,9 @@ def add_commands(subparsers: argparse._SubParsersAction, common: argparse.Argume
     p.add_argument("--patch-init", default=None, choices=["whiten", "normal"],
                    help="with --arch: start the ViT patch embedding from the whitened principal directions of "
                    "256 training images' patches (whiten, the default) or normal(0, 0.02)")
+    p.add_argument("--tags", default=None, metavar="SOURCE",
+                   help="--stage tags: what the tags are: the captions' words and word pairs (default), 'boxes' "
+                   "(the objects of a scenes dataset: colour, shape, 'colour shape'), or a JSON file {image: [tags]}")
     p.add_argument("--tag-min-count", type=int, default=None,
                    help="--stage tags: a caption word or word pair is a tag when at least this many images use it "
                    "(default: 20) and at most half of them")
@@ -174,12 +177,16 @@ def _to_train(args: argparse.Namespace, data, objectives: tuple[str, ...]):
     if args.stage == "blip":
         return _blip_model(args, data)
     if args.stage == "tags":
-        from .tags import tags_recipe
+        from .tags import read_labels, tags_recipe
 
         if isinstance(data, str):
             raise InputError("--stage tags reads every caption of an image: give a dataset dir or JSON, not tar "
                              "shards")
-        return tags_recipe(_blip_model(args, data), data, min_count=args.tag_min_count or 20)
+        labels = None
+        if args.tags:
+            source = Path(args.data) / "annotations" / f"{args.split}_boxes.json" if args.tags == "boxes" else args.tags
+            labels = read_labels(source)
+        return tags_recipe(_blip_model(args, data), data, min_count=args.tag_min_count or 20, labels=labels)
     if args.stage == "lm":
         from ..processing import Tokenizer
         from .lm import LM_ARCHS, build_bpe_tokenizer, lm_recipe, scratch_lm
