@@ -251,7 +251,7 @@ def test_save_roundtrip_reads_in_reference(itm, tmp_path, photos):
         pixels = ours.pixels(photos[:1])
         ids, mask = ours.tokens(TEXTS[:1])
         ref_p = ref(input_ids=ids, attention_mask=mask, pixel_values=pixels).itm_score.softmax(-1)[0, 1]
-    assert abs(float(ref_p) - float(ours.match(photos[:1], TEXTS[:1])[0, 0])) <= TOL
+        assert abs(float(ref_p) - float(ours.match(photos[:1], TEXTS[:1])[0, 0])) <= TOL
 
 
 def test_dtype_and_enc_token(hf_blip_dirs, photos):
