@@ -1,6 +1,6 @@
 """Write a shipped model's `eval_results.json`: the held-out test report and its fresh-split statistics.
 
-    python scripts/card_stats.py MODEL_DIR --test out/eval_test.json [--seeds 101-108] [--images 100] [--k 4]
+    python scripts/card_stats.py MODEL --test out/eval_test.json [--seeds 101-108] [--images 100] [--k 4]
 
 The "test" section copies the metrics of a `blipkit eval --out FILE` report. The "fresh" section evaluates the model
 on newly generated test splits (`write_dataset(root, 0, 0, images, seed=s)` for each seed) and records each
@@ -31,7 +31,7 @@ def seeds(spec: str) -> list[int]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("model", help="model directory (written into as eval_results.json)")
+    p.add_argument("model", help="shipped model name or model directory (eval_results.json is written there)")
     p.add_argument("--test", required=True, help="JSON report of `blipkit eval --out` on the held-out test split")
     p.add_argument("--test-command", default="blipkit eval --data data/scenes --split test")
     p.add_argument("--seeds", default="101-108")
@@ -41,7 +41,7 @@ def main() -> None:
     args = p.parse_args()
 
     model = blipkit.load(args.model, dtype="float32")
-    report = json.loads(Path(args.test).read_text())
+    directory = blipkit.shipped_models().get(args.model, Path(args.model))
     runs = []
     for seed in seeds(args.seeds):
         with tempfile.TemporaryDirectory() as tmp:
@@ -52,9 +52,10 @@ def main() -> None:
     mean = {k: round(statistics.mean(r[k] for r in runs), 2) for k in keys}
     std = {k: round(statistics.stdev(r[k] for r in runs), 2) for k in keys}
     tol = {k: round(max(3 * std[k], 10.0 if k == "CIDEr" else 5.0), 1) for k in keys}
+    report = json.loads(Path(args.test).read_text())  # read last: the test evaluation may run alongside
     counts = report["counts"]
     out = {
-        "model": Path(args.model).name,
+        "model": directory.name,
         "test": {
             "data": f"{report['data']}, split {report['split']}: " + ", ".join(f"{v} {k}" for k, v in counts.items()),
             "command": args.test_command,
@@ -68,7 +69,7 @@ def main() -> None:
             "mean": mean, "std": std, "tolerance": tol,
         },
     }
-    (Path(args.model) / "eval_results.json").write_text(json.dumps(out, indent=2) + "\n")
+    (directory / "eval_results.json").write_text(json.dumps(out, indent=2) + "\n")
     print(json.dumps(out["fresh"]["mean"]))
 
 

@@ -174,6 +174,7 @@ def test_cli_tags_stage_then_blip_from_it(scenes, tmp_path):
     tags = json.loads((out / TAGS_FILE).read_text())
     assert "red" in tags and (out / TAG_HEAD_FILE).is_file()
     model = blipkit.load(out)
+    assert model.tokenizer.token_to_id("what") is not None  # the vocabulary covers the questions, as BLIP's does
     start = scratch_model("tiny", model.tokenizer, seed=0)
     trained = model.vision_model.encoder.layers[0].mlp.fc1.weight
     assert not torch.equal(trained, start.vision_model.encoder.layers[0].mlp.fc1.weight)

@@ -259,7 +259,7 @@ def run_train(args: argparse.Namespace) -> int:
         data, skipped = loaded.items, loaded.skipped
         if skipped:
             print(f"skipped {skipped} bad entr{'y' if skipped == 1 else 'ies'} of {args.data}", file=sys.stderr)
-        if args.stage != "blip":
+        if args.stage not in ("blip", "tags"):  # tags: a model built here takes its vocabulary from the QA too
             data = captions_only(data)
     cfg = TrainConfig(
         out=Path(args.out), steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
