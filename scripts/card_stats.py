@@ -38,6 +38,7 @@ def main() -> None:
     p.add_argument("--images", type=int, default=100)
     p.add_argument("--k", type=int, default=4)
     p.add_argument("--num-beams", type=int, default=3)
+    p.add_argument("--tasks", default="retrieval,caption,vqa,grounding", help="comma list, as for blipkit eval")
     args = p.parse_args()
 
     model = blipkit.load(args.model, dtype="float32")
@@ -46,7 +47,8 @@ def main() -> None:
     for seed in seeds(args.seeds):
         with tempfile.TemporaryDirectory() as tmp:
             write_dataset(tmp, 0, 0, args.images, seed=seed, image_size=128, progress=False)
-            runs.append(evaluate(model, tmp, "test", k=args.k, num_beams=args.num_beams)["metrics"])
+            runs.append(evaluate(model, tmp, "test", tasks=args.tasks.split(","), k=args.k,
+                                 num_beams=args.num_beams)["metrics"])
         print(seed, {k: runs[-1][k] for k in HEADLINE if k in runs[-1]}, flush=True)
     keys = [k for k in HEADLINE if k in runs[0]]
     mean = {k: round(statistics.mean(r[k] for r in runs), 2) for k in keys}
@@ -63,8 +65,9 @@ def main() -> None:
         },
         "fresh": {
             "images": args.images, "k": args.k, "num_beams": args.num_beams, "seeds": seeds(args.seeds),
+            "tasks": args.tasks.split(","),
             "protocol": f"write_dataset(root, 0, 0, {args.images}, seed=s, image_size=128); evaluate(model, root, "
-                        f"'test', k={args.k}, num_beams={args.num_beams}); mean and sample std over the seeds; "
+                        f"'test', tasks, k={args.k}, num_beams={args.num_beams}); mean and sample std over the seeds; "
                         "tolerance = max(3 std, 5 points; CIDEr 10)",
             "mean": mean, "std": std, "tolerance": tol,
         },

@@ -8,6 +8,7 @@ import json
 import math
 
 import pytest
+import torch
 from PIL import Image, ImageDraw
 
 import blipkit
@@ -39,7 +40,21 @@ def directory_size(directory) -> int:
     return sum(p.stat().st_size for p in directory.iterdir())
 
 
-@pytest.mark.parametrize("name", [NAME])
+def test_blip2_pair_loads_and_fits_beside_blip():
+    shipped = blipkit.shipped_models()
+    assert set(BLIP2) <= set(shipped), sorted(shipped)
+    assert sum(directory_size(shipped[n]) for n in (NAME, *BLIP2)) <= 40 * 1024 * 1024
+    itm, opt = (blipkit.load(n) for n in BLIP2)
+    assert itm.family == opt.family == "BLIP-2"
+    assert itm.has("itm_head") and not itm.has("language_model")
+    assert opt.has("language_model") and not opt.has("itm_head")
+    assert next(itm.parameters()).dtype == torch.float32  # stored in float16, loaded as float32
+    # stage 2 starts from stage 1: the same frozen image encoder
+    for a, b in zip(itm.vision_model.parameters(), opt.vision_model.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", [NAME, *BLIP2])
 def test_fresh_split_within_card_tolerance(name, tmp_path):
     """Every headline metric on 100 freshly generated test images stays within the card's tolerance
     (`eval_results.json`, "fresh": mean over 8 other seeds, tolerance max(3 std, 5 points))."""
@@ -47,7 +62,8 @@ def test_fresh_split_within_card_tolerance(name, tmp_path):
     card = json.loads((blipkit.shipped_models()[name] / "eval_results.json").read_text())["fresh"]
     root = tmp_path / "fresh"
     write_dataset(root, n_train=0, n_val=0, n_test=card["images"], seed=FRESH_SEED, image_size=128, progress=False)
-    got = evaluate(model, root, "test", k=card["k"], num_beams=card["num_beams"])["metrics"]
+    tasks = card.get("tasks", ("retrieval", "caption", "vqa", "grounding"))
+    got = evaluate(model, root, "test", tasks=tasks, k=card["k"], num_beams=card["num_beams"])["metrics"]
     off = [f"{key}: {got[key]:.1f}, card {mean:.1f} +- {card['tolerance'][key]}"
            for key, mean in card["mean"].items() if abs(got[key] - mean) > card["tolerance"][key]]
     assert not off, off
