@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 import subprocess
 import sys
 import textwrap
@@ -117,3 +119,14 @@ def test_peak_memory_is_about_one_copy(tmp_path):
     grown = float(subprocess.check_output([sys.executable, "-c", code], text=True).strip().splitlines()[-1])
     assert size_mb > 300
     assert grown < 1.3 * size_mb, f"loading {size_mb:.0f} MB grew peak RSS by {grown:.0f} MB"
+
+
+def test_saved_weights_follow_the_umask(hf_blip_dirs, tmp_path):
+    """safetensors writes files private (0600); a saved model gets the mode of any new file, as others can read it."""
+    model = blipkit.load(hf_blip_dirs["BlipForImageTextRetrieval"])
+    old = os.umask(0o022)
+    try:
+        out = blipkit.save(model, tmp_path / "saved")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((out / "model.safetensors").stat().st_mode) == 0o644

@@ -223,6 +223,9 @@ def save_weights(model: nn.Module, directory: Path) -> None:
     # write then rename: a model loaded from this very file keeps reading the old one (its weights are mapped)
     tmp = directory / "model.safetensors.tmp"
     save_file(state_dict_for_saving(model), str(tmp), metadata={"format": "pt"})
+    umask = os.umask(0)  # safetensors creates the file private (0600); give it the mode any new file gets here
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     os.replace(tmp, directory / "model.safetensors")
 
 
