@@ -19,9 +19,12 @@ def _normalizer() -> normalizers.BertNormalizer:
     return normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=True)
 
 
+_NORMALIZER, _PRE_TOKENIZER = _normalizer(), pre_tokenizers.BertPreTokenizer()
+
+
 def words_in(text: str) -> list[str]:
     """The words of `text` in order, after BERT normalisation (lower case, accents stripped) and pre-tokenisation."""
-    return [word for word, _ in pre_tokenizers.BertPreTokenizer().pre_tokenize_str(_normalizer().normalize_str(text))]
+    return [word for word, _ in _PRE_TOKENIZER.pre_tokenize_str(_NORMALIZER.normalize_str(text))]
 
 
 def words_of(texts: Iterable[str]) -> list[str]:
