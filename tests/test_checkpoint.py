@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import blipkit
+from blipkit.checkpoint import write_safetensors
 from blipkit.errors import CheckpointError
 
 
@@ -127,6 +128,8 @@ def test_saved_weights_follow_the_umask(hf_blip_dirs, tmp_path):
     old = os.umask(0o022)
     try:
         out = blipkit.save(model, tmp_path / "saved")
+        head = write_safetensors({"w": torch.ones(2)}, tmp_path / "saved" / "head.safetensors")  # side files too
     finally:
         os.umask(old)
     assert stat.S_IMODE((out / "model.safetensors").stat().st_mode) == 0o644
+    assert stat.S_IMODE(head.stat().st_mode) == 0o644

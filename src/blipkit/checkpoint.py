@@ -215,18 +215,28 @@ def state_dict_for_saving(model: nn.Module) -> dict[str, Tensor]:
     return out
 
 
-def save_weights(model: nn.Module, directory: Path) -> None:
-    """Write `model.safetensors` (tied tensors once, under their canonical names)."""
+def write_safetensors(tensors: dict[str, Tensor], path: Path) -> Path:
+    """Write `tensors` to `path` atomically, with the file mode any new file gets here.
+
+    Written then renamed, so a model loaded from this very file keeps reading the old one (its weights are mapped);
+    safetensors creates its files private (0600), so the mode is set from the umask.
+    """
     from safetensors.torch import save_file
 
-    directory.mkdir(parents=True, exist_ok=True)
-    # write then rename: a model loaded from this very file keeps reading the old one (its weights are mapped)
-    tmp = directory / "model.safetensors.tmp"
-    save_file(state_dict_for_saving(model), str(tmp), metadata={"format": "pt"})
-    umask = os.umask(0)  # safetensors creates the file private (0600); give it the mode any new file gets here
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
+    umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, directory / "model.safetensors")
+    os.replace(tmp, path)
+    return path
+
+
+def save_weights(model: nn.Module, directory: Path) -> None:
+    """Write `model.safetensors` (tied tensors once, under their canonical names)."""
+    write_safetensors(state_dict_for_saving(model), directory / "model.safetensors")
 
 
 def resolve(name_or_path: str | Path, shipped: dict[str, Path], presets: dict[str, str]) -> Path:

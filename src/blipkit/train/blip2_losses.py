@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..blip2 import Blip2
+from ..checkpoint import write_safetensors
 from ..errors import CheckpointError, InputError
 from ..processing import Tokenizer
 from ..text import LMHead
@@ -258,13 +259,8 @@ class QFormerObjectives(_Frozen):
     # ------------------------------------------------------------------ files
     def save_itg_head(self, directory: str | Path) -> Path:
         """Write the ITG head (its own weights; the vocabulary projection is the word embedding) next to a model."""
-        from safetensors.torch import save_file
-
-        path = Path(directory) / ITG_HEAD_FILE
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self.itg_head.state_dict().items()
-                   if not k.startswith("decoder.")}
-        save_file(tensors, str(path), metadata={"format": "pt"})
-        return path
+        tensors = {k: v for k, v in self.itg_head.state_dict().items() if not k.startswith("decoder.")}
+        return write_safetensors(tensors, Path(directory) / ITG_HEAD_FILE)
 
     def load_itg_head(self, directory: str | Path) -> None:
         """Read a head written by `save_itg_head` (strict: every tensor present, none unexpected)."""

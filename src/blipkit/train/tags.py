@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from ..blip import Blip
+from ..checkpoint import write_safetensors
 from ..errors import InputError
 from .data import Item, Sample, _key
 from .loop import Recipe
@@ -82,10 +82,10 @@ def item_tags(items: list[Item], labels: dict[str, set[str]] | None = None) -> d
 
 
 def build_tags(items: list[Item], min_count: int = 20, max_share: float = 0.5,
-               labels: dict[str, set[str]] | None = None) -> list[str]:
+               labels: dict[str, set[str]] | None = None, per_item: dict[str, set[str]] | None = None) -> list[str]:
     """The tag vocabulary of a dataset: tags used by at least `min_count` and at most `max_share` of the images
-    (caption tags, or `labels`; labels are kept however common they are)."""
-    per_item = item_tags(items, labels)
+    (caption tags, or `labels`; labels are kept however common they are). `per_item`: `item_tags`, if computed."""
+    per_item = item_tags(items, labels) if per_item is None else per_item
     counts = Counter(tag for tags in per_item.values() for tag in tags)
     if labels is not None:
         max_share = 1.0
@@ -97,10 +97,11 @@ def build_tags(items: list[Item], min_count: int = 20, max_share: float = 0.5,
     return tags
 
 
-def tag_targets(items: list[Item], tags: list[str], labels: dict[str, set[str]] | None = None) -> dict[int, Tensor]:
-    """Image key -> multi-hot float vector over `tags`."""
+def tag_targets(items: list[Item], tags: list[str], labels: dict[str, set[str]] | None = None,
+                per_item: dict[str, set[str]] | None = None) -> dict[int, Tensor]:
+    """Image key -> multi-hot float vector over `tags`. `per_item`: `item_tags`, if computed."""
     index = {t: i for i, t in enumerate(tags)}
-    per_item = item_tags(items, labels)
+    per_item = item_tags(items, labels) if per_item is None else per_item
     out = {}
     for it in items:
         target = torch.zeros(len(tags))
@@ -145,14 +146,14 @@ def tags_recipe(model: Blip, items: list[Item], min_count: int = 20, max_share: 
     """The tags stage on the loop: trains `model.vision_model`; saves the whole model, the tag head and the tags."""
     from .. import save
 
-    tags = build_tags(items, min_count, max_share, labels)
+    per_item = item_tags(items, labels)  # caption tags normalise every caption: once, for both uses
+    tags = build_tags(items, min_count, max_share, labels, per_item)
     objectives = TagObjectives(model, len(tags))
 
     def write(directory: Path) -> None:
         save(model, directory)
-        head = {k: v.detach().cpu().contiguous() for k, v in objectives.tag_head.state_dict().items()}
-        save_file(head, str(Path(directory) / TAG_HEAD_FILE))
+        write_safetensors(objectives.tag_head.state_dict(), Path(directory) / TAG_HEAD_FILE)
         (Path(directory) / TAGS_FILE).write_text(json.dumps(tags, indent=0) + "\n")
 
-    return Recipe(objectives, TagCollate(tag_targets(items, tags, labels)), model.processor, write,
+    return Recipe(objectives, TagCollate(tag_targets(items, tags, labels, per_item)), model.processor, write,
                   find_unused_parameters=True)
