@@ -124,3 +124,12 @@ def photo(seed: int, size=(64, 48), mode: str = "RGB") -> Image.Image:
 @pytest.fixture(scope="session")
 def photos() -> list[Image.Image]:
     return [photo(i, size=(40 + 7 * i, 30 + 5 * i)) for i in range(3)]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, and a second thread stalls badly when the other core is busy."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 import blipkit
 from blipkit import cli, tasks
@@ -21,13 +20,7 @@ from .test_tasks import TEXTS, png, scene_files, tiny_blip
 COMMANDS = ("match", "classify", "caption", "ask", "ground", "attention", "matrix", "plot-space", "info")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and a second thread stalls badly when the other core is busy."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models on one thread
 
 
 @pytest.fixture(scope="module")
