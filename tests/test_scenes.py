@@ -243,6 +243,8 @@ def test_draw_shape_fills_its_box():
         draw_shape(ImageDraw.Draw(img), shape, (255, 0, 0), [5, 7, 30, 29])
         ys, xs = np.nonzero((np.asarray(img) == (255, 0, 0)).all(axis=-1))
         assert (xs.min(), xs.max() + 1, ys.min(), ys.max() + 1) == (5, 30, 7, 29), shape
+        if shape == "square":  # every pixel of the box, the edges included
+            assert len(xs) == 25 * 22
     with pytest.raises(InputError, match="pentagon"):
         draw_shape(ImageDraw.Draw(img), "pentagon", (255, 0, 0), [0, 0, 10, 10])
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import blipkit
 from blipkit.cli import main as cli
@@ -20,7 +21,18 @@ from blipkit.train import data as tdata
 from blipkit.train import loop
 from blipkit.train.losses import Objectives, itc_loss, itm_loss, lm_loss, sample_hard_negatives
 from blipkit.train.model import sample_pixels, scratch_model, whiten_patch_embedding
-from blipkit.train.tags import TAG_HEAD_FILE, TAGS_FILE, build_tags, caption_tags, read_labels, tag_targets
+from blipkit.train.tags import (
+    PATCH_LABELS_FILE,
+    TAG_HEAD_FILE,
+    TAGS_FILE,
+    build_tags,
+    caption_tags,
+    patch_classes,
+    patch_targets,
+    read_boxes,
+    read_labels,
+    tag_targets,
+)
 from blipkit.train.vocab import SPECIALS, build_tokenizer
 
 from .conftest import torchrun
@@ -163,16 +175,39 @@ def test_tags_from_labels_and_scene_boxes(scenes, tmp_path):
         read_labels(tmp_path / "bad.json")
 
 
+def test_patch_targets_share_each_patch_by_covered_pixels(tmp_path):
+    square = {"shape": "square", "colour": "red", "box_norm": [0.0, 0.0, 0.5, 0.5]}  # exactly the top-left patch
+    half = {"shape": "blob", "colour": "blue", "box_norm": [0.5, 0.75, 1.0, 1.0]}  # not a scenes shape: its box
+    classes = patch_classes({"a.png": [square], "b.png": [half]})
+    assert classes == {"shape": ["background", "blob", "square"], "colour": ["background", "blue", "red"]}
+    t = patch_targets([square, half], classes, grid=2)
+    assert t["shape"].tolist() == [[0, 0, 1], [1, 0, 0], [1, 0, 0], [0.5, 0.5, 0]]
+    assert t["colour"].tolist() == [[0, 0, 1], [1, 0, 0], [1, 0, 0], [0.5, 0.5, 0]]
+    circle = patch_targets([{"shape": "circle", "colour": "red", "box_norm": [0, 0, 1, 1]}],
+                           {"shape": ["background", "circle"], "colour": ["background", "red"]}, grid=2, cell=32)
+    # a circle filling the image covers pi/4 of it: each quadrant in the same share
+    assert torch.allclose(circle["shape"][:, 1], torch.full((4,), math.pi / 4), atol=0.02)
+    (tmp_path / "bad.json").write_text(json.dumps([{"image": "a.png", "objects": [{"shape": "square"}]}]))
+    with pytest.raises(InputError, match=r"entry 0 \(a.png\) has an object without shape, colour and a box_norm"):
+        read_boxes(tmp_path / "bad.json")
+
+
 def test_cli_tags_stage_then_blip_from_it(scenes, tmp_path):
     out = tmp_path / "vit"
     args = ["train", "--stage", "tags", "--data", str(scenes), "--arch", "tiny", "--out", str(out), "--steps", "40",
             "--batch-size", "8", "--lr", "2e-3", "--warmup", "5", "--tag-min-count", "3", "--log-every", "1",
-            "--json"]
+            "--patch-labels", "boxes", "--json"]
     assert cli(args) == 0
     rows = [json.loads(line) for line in (out / loop.LOG_FILE).read_text().splitlines()]
-    assert sum(r["tags"] for r in rows[-5:]) < sum(r["tags"] for r in rows[:5]) - 0.1
+    for loss in ("tags", "patch_shape", "patch_colour"):
+        assert sum(r[loss] for r in rows[-5:]) < sum(r[loss] for r in rows[:5]) - 0.1, loss
     tags = json.loads((out / TAGS_FILE).read_text())
     assert "red" in tags and (out / TAG_HEAD_FILE).is_file()
+    classes = json.loads((out / PATCH_LABELS_FILE).read_text())
+    assert classes["shape"][0] == "background" and "circle" in classes["shape"] and "red" in classes["colour"]
+    heads = load_file(out / TAG_HEAD_FILE)
+    assert heads["patch_heads.shape.weight"].shape[0] == len(classes["shape"])
+    assert heads["tag_head.weight"].shape[0] == len(tags)
     model = blipkit.load(out)
     assert model.tokenizer.token_to_id("what") is not None  # the vocabulary covers the questions, as BLIP's does
     start = scratch_model("tiny", model.tokenizer, seed=0)

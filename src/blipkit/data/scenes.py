@@ -53,7 +53,7 @@ from tqdm import tqdm
 
 from blipkit.errors import InputError
 
-GENERATOR_VERSION = "1.0"
+GENERATOR_VERSION = "1.1"
 
 # Saturated or extreme colours: each has a channel below 105 or above 225, outside every background pixel.
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -105,7 +105,8 @@ for _name, _pts in _RAW_POLYGONS.items():
     _xs, _ys = [p[0] for p in _pts], [p[1] for p in _pts]
     _w, _h = max(_xs) - min(_xs), max(_ys) - min(_ys)
     _ASPECT[_name] = _h / _w
-    _UNIT_POLYGONS[_name] = tuple(((x - min(_xs)) / _w, (y - min(_ys)) / _h) for x, y in _pts)
+    # rounded: a vertex at 0.9999999999999999 instead of 1 leaves the square's last row of pixels empty
+    _UNIT_POLYGONS[_name] = tuple((round((x - min(_xs)) / _w, 9), round((y - min(_ys)) / _h, 9)) for x, y in _pts)
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ STAGES = ("blip", "tags", "qformer1", "qformer2", "lm")
 # options that only one kind of run reads: option -> the stages that take it
 STAGE_OPTIONS = {
     "arch": ("blip", "tags"), "patch_init": ("blip", "tags"), "tag_min_count": ("tags",), "tags": ("tags",),
+    "patch_labels": ("tags",),
     "vqa": ("blip",), "lm_filter": ("blip",), "objectives": ("blip", "qformer1"),
     "init_vision": ("qformer1",), "qformer_layers": ("qformer1",), "num_queries": ("qformer1",),
     "qformer_width": ("qformer1",), "qformer_init": ("qformer1",),
@@ -65,6 +66,9 @@ def add_commands(subparsers: argparse._SubParsersAction, common: argparse.Argume
     p.add_argument("--tags", default=None, metavar="SOURCE",
                    help="--stage tags: what the tags are: the captions' words and word pairs (default), 'boxes' "
                    "(the objects of a scenes dataset: colour, shape, 'colour shape'), or a JSON file {image: [tags]}")
+    p.add_argument("--patch-labels", default=None, metavar="BOXES",
+                   help="--stage tags: also teach every patch the shape and colour of the object covering it, from "
+                   "'boxes' (a scenes dataset's boxes) or a boxes JSON [{image, objects: [{shape, colour, box_norm}]}]")
     p.add_argument("--tag-min-count", type=int, default=None,
                    help="--stage tags: a caption word or word pair is a tag when at least this many images use it "
                    "(default: 20) and at most half of them")
@@ -177,16 +181,18 @@ def _to_train(args: argparse.Namespace, data, objectives: tuple[str, ...]):
     if args.stage == "blip":
         return _blip_model(args, data)
     if args.stage == "tags":
-        from .tags import read_labels, tags_recipe
+        from .tags import read_boxes, read_labels, tags_recipe
 
         if isinstance(data, str):
             raise InputError("--stage tags reads every caption of an image: give a dataset dir or JSON, not tar "
                              "shards")
-        labels = None
-        if args.tags:
-            source = Path(args.data) / "annotations" / f"{args.split}_boxes.json" if args.tags == "boxes" else args.tags
-            labels = read_labels(source)
-        return tags_recipe(_blip_model(args, data), data, min_count=args.tag_min_count or 20, labels=labels)
+        def source(name: str) -> Path:
+            return Path(args.data) / "annotations" / f"{args.split}_boxes.json" if name == "boxes" else Path(name)
+
+        labels = read_labels(source(args.tags)) if args.tags else None
+        boxes = read_boxes(source(args.patch_labels)) if args.patch_labels else None
+        return tags_recipe(_blip_model(args, data), data, min_count=args.tag_min_count or 20, labels=labels,
+                           boxes=boxes)
     if args.stage == "lm":
         from ..processing import Tokenizer
         from .lm import LM_ARCHS, build_bpe_tokenizer, lm_recipe, scratch_lm

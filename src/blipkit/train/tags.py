@@ -9,6 +9,11 @@ the ViT's `[CLS]` output learns to predict them (multi-label binary cross-entrop
 carry the binding of attributes to objects that single words lose. Where labels exist (object classes, or the boxes
 of the generated scenes), `--tags FILE` uses them instead of the captions.
 
+Where boxes exist, `--patch-labels` adds a dense objective: every patch token learns which object covers it (its shape
+and its colour, or background), as a distribution over classes in proportion to the patch's pixels each object
+covers. Sixty-four targets per image instead of one set of tags teach the patch tokens what and where each object is,
+which captioning, VQA positions and grounding read from the patches.
+
 The stage trains the image encoder of a full BLIP model (built with `--arch`, its tokenizer built from the data, as
 for BLIP training from scratch) and saves that model, so the next run continues from it with every objective:
 `blipkit train --model OUT ...`. The tag head and the tag list are saved beside it.
@@ -21,9 +26,12 @@ from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageDraw
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from ..blip import Blip
 from ..checkpoint import write_safetensors
@@ -34,6 +42,9 @@ from .vocab import words_in
 
 TAG_HEAD_FILE = "tag_head.safetensors"
 TAGS_FILE = "tags.json"
+PATCH_LABELS_FILE = "patch_labels.json"
+BACKGROUND = "background"
+PATCH_FIELDS = ("shape", "colour")  # what each patch learns of the object covering it
 
 
 def caption_tags(captions: Iterable[str]) -> set[str]:
@@ -112,48 +123,139 @@ def tag_targets(items: list[Item], tags: list[str], labels: dict[str, set[str]] 
     return out
 
 
-class TagCollate:
-    """Samples -> {"pixels", "tags"}: the multi-hot tags of each sample's image."""
+def read_boxes(path: str | Path) -> dict[str, list[dict]]:
+    """A scenes boxes file -> {image: objects}; each object needs "box_norm" ([x1, y1, x2, y2] in 0..1) and the
+    `PATCH_FIELDS`. Errors name the entry."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise InputError(f"--patch-labels {path}: cannot read a JSON file ({e})") from None
+    if not isinstance(data, list):
+        raise InputError(f"--patch-labels {path}: expected a list of {{'image', 'objects'}} entries")
+    out = {}
+    for n, entry in enumerate(data):
+        objects = entry.get("objects") if isinstance(entry, dict) else None
+        if not isinstance(objects, list) or "image" not in entry:
+            raise InputError(f"--patch-labels {path}: entry {n} needs 'image' and an 'objects' list")
+        for o in objects:
+            box = o.get("box_norm") if isinstance(o, dict) else None
+            if (not isinstance(box, list) or len(box) != 4 or not all(isinstance(o.get(f), str) for f in PATCH_FIELDS)
+                    or not 0 <= box[0] < box[2] <= 1 or not 0 <= box[1] < box[3] <= 1):
+                raise InputError(f"--patch-labels {path}: entry {n} ({entry['image']}) has an object without "
+                                 f"{', '.join(PATCH_FIELDS)} and a box_norm [x1, y1, x2, y2] within 0..1: {o}")
+        out[str(entry["image"])] = objects
+    return out
 
-    def __init__(self, targets: dict[int, Tensor]):
-        self.targets = targets
+
+def patch_classes(boxes: dict[str, list[dict]]) -> dict[str, list[str]]:
+    """Each patch field's classes: background first, then the values the objects use, sorted."""
+    return {f: [BACKGROUND, *sorted({o[f] for objs in boxes.values() for o in objs})] for f in PATCH_FIELDS}
+
+
+def object_mask(obj: dict, side: int) -> np.ndarray:
+    """(side, side) float mask of `obj` drawn at `side` pixels: the scenes shape where it is one, else its box."""
+    from ..data.scenes import SHAPES, draw_shape
+
+    x1, y1, x2, y2 = obj["box_norm"]
+    box = [round(x1 * side), round(y1 * side), max(round(x2 * side), round(x1 * side) + 2),
+           max(round(y2 * side), round(y1 * side) + 2)]
+    mask = Image.new("L", (side, side), 0)
+    draw = ImageDraw.Draw(mask)
+    if obj["shape"] in SHAPES:
+        draw_shape(draw, obj["shape"], (255,), box)
+    else:
+        draw.rectangle((box[0], box[1], box[2] - 1, box[3] - 1), fill=255)
+    return np.asarray(mask, dtype=np.float32) / 255.0
+
+
+def patch_targets(objects: list[dict], classes: dict[str, list[str]], grid: int, cell: int = 8) -> dict[str, Tensor]:
+    """Field -> (grid * grid, classes) soft targets in row-major patch order: the share of each patch's pixels
+    each class covers (objects drawn at `cell` pixels per patch), background taking the rest."""
+    side = grid * cell
+    out = {f: np.zeros((grid * grid, len(classes[f])), dtype=np.float32) for f in PATCH_FIELDS}
+    for obj in objects:
+        cover = object_mask(obj, side).reshape(grid, cell, grid, cell).mean(axis=(1, 3)).reshape(-1)
+        for f in PATCH_FIELDS:
+            out[f][:, classes[f].index(obj[f])] += cover
+    for f in PATCH_FIELDS:
+        target = out[f]
+        target[:, 1:] = np.minimum(target[:, 1:], 1.0)
+        target[:, 0] = np.clip(1.0 - target[:, 1:].sum(axis=1), 0.0, 1.0)
+        target /= target.sum(axis=1, keepdims=True)
+    return {f: torch.from_numpy(out[f]) for f in PATCH_FIELDS}
+
+
+class TagCollate:
+    """Samples -> {"pixels", "tags"}: the multi-hot tags of each sample's image, and with `patches` (image key ->
+    `patch_targets`) each patch field's soft targets as "patch_{field}"."""
+
+    def __init__(self, targets: dict[int, Tensor], patches: dict[int, dict[str, Tensor]] | None = None):
+        self.targets, self.patches = targets, patches
 
     def __call__(self, samples: list[Sample]) -> dict[str, Tensor]:
-        return {"pixels": torch.stack([s.pixels for s in samples]),
-                "tags": torch.stack([self.targets[s.image_key] for s in samples])}
+        batch = {"pixels": torch.stack([s.pixels for s in samples]),
+                 "tags": torch.stack([self.targets[s.image_key] for s in samples])}
+        if self.patches is not None:
+            for f in PATCH_FIELDS:
+                batch[f"patch_{f}"] = torch.stack([self.patches[s.image_key][f] for s in samples])
+        return batch
 
 
 class TagObjectives(nn.Module):
     """BLIP's ViT with a linear tag head on its `[CLS]` output; forward returns {"tags": BCE}."""
 
-    def __init__(self, model: Blip, num_tags: int):
+    def __init__(self, model: Blip, num_tags: int, patch_classes: dict[str, list[str]] | None = None):
         super().__init__()
         self.model = model
+        width = model.config.vision_config.hidden_size
         # PyTorch's default (uniform, +-1/sqrt(width)) start: with normal(0, 0.02) the ViT leaves its start-up
         # plateau hundreds of steps later (measured on the generated scenes)
-        self.tag_head = nn.Linear(model.config.vision_config.hidden_size, num_tags)
+        self.tag_head = nn.Linear(width, num_tags)
+        self.patch_heads = nn.ModuleDict({f: nn.Linear(width, len(c)) for f, c in (patch_classes or {}).items()})
 
     def logits(self, pixels: Tensor) -> Tensor:
         """(N, 3, H, W) -> (N, tags) tag logits."""
         return self.tag_head(self.model.vision_model(pixels)[:, 0])
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        return {"tags": F.binary_cross_entropy_with_logits(self.logits(batch["pixels"]), batch["tags"])}
+        states = self.model.vision_model(batch["pixels"])
+        losses = {"tags": F.binary_cross_entropy_with_logits(self.tag_head(states[:, 0]), batch["tags"])}
+        for f, head in self.patch_heads.items():
+            logp = F.log_softmax(head(states[:, 1:]), dim=-1)
+            losses[f"patch_{f}"] = -(batch[f"patch_{f}"] * logp).sum(-1).mean()
+        return losses
 
 
 def tags_recipe(model: Blip, items: list[Item], min_count: int = 20, max_share: float = 0.5,
-                labels: dict[str, set[str]] | None = None) -> Recipe:
-    """The tags stage on the loop: trains `model.vision_model`; saves the whole model, the tag head and the tags."""
+                labels: dict[str, set[str]] | None = None, boxes: dict[str, list[dict]] | None = None) -> Recipe:
+    """The tags stage on the loop: trains `model.vision_model`; saves the whole model, the tag head (and patch heads)
+    and the tags. `boxes` (`read_boxes`) adds the patch objectives."""
     from .. import save
 
     per_item = item_tags(items, labels)  # caption tags normalise every caption: once, for both uses
     tags = build_tags(items, min_count, max_share, labels, per_item)
-    objectives = TagObjectives(model, len(tags))
+    patches = classes = None
+    if boxes is not None:
+        missing = [it.key for it in items if it.key not in boxes]
+        if missing:
+            raise InputError(f"--patch-labels: no boxes for {len(missing)} of {len(items)} images "
+                             f"(first: {missing[0]})")
+        vision = model.config.vision_config
+        grid = vision.image_size // vision.patch_size
+        classes = patch_classes({it.key: boxes[it.key] for it in items})
+        patches = {_key(it.key): patch_targets(boxes[it.key], classes, grid)
+                   for it in tqdm(items, desc="patch labels", unit="img", leave=False)}
+    objectives = TagObjectives(model, len(tags), classes)
 
     def write(directory: Path) -> None:
         save(model, directory)
-        write_safetensors(objectives.tag_head.state_dict(), Path(directory) / TAG_HEAD_FILE)
+        heads = {f"tag_head.{k}": v for k, v in objectives.tag_head.state_dict().items()}
+        heads.update({f"patch_heads.{k}": v for k, v in objectives.patch_heads.state_dict().items()})
+        write_safetensors(heads, Path(directory) / TAG_HEAD_FILE)
         (Path(directory) / TAGS_FILE).write_text(json.dumps(tags, indent=0) + "\n")
+        if classes is not None:
+            (Path(directory) / PATCH_LABELS_FILE).write_text(json.dumps(classes, indent=1) + "\n")
 
-    return Recipe(objectives, TagCollate(tag_targets(items, tags, labels, per_item)), model.processor, write,
-                  find_unused_parameters=True)
+    return Recipe(objectives, TagCollate(tag_targets(items, tags, labels, per_item), patches), model.processor,
+                  write, find_unused_parameters=True)
