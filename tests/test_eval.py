@@ -137,6 +137,15 @@ def test_eval_cli_json_and_bad_input(tiny_run, tmp_path, capsys):
     assert cli(["eval", "--model", str(out), "--data", str(root), "--split", "dev"]) == 2
     assert "no split 'dev'" in capsys.readouterr().err
     assert loop.STATE_FILE in {p.name for p in out.iterdir()}
+    grounding = ["eval", "--model", str(out), "--data", str(root), "--tasks", "grounding", "--json", "--limit", "3"]
+    assert cli(grounding + ["--layer", "7"]) == 2
+    assert "layer 7 does not exist" in capsys.readouterr().err
+    by_layer = []
+    for layer in ("0", "1"):
+        assert cli(grounding + ["--layer", layer]) == 0
+        by_layer.append(json.loads(capsys.readouterr().out)["pointing_acc"])
+    assert cli(grounding) == 0  # the default: this 2-layer model's layer 0
+    assert json.loads(capsys.readouterr().out)["pointing_acc"] == by_layer[0]
 
 
 # ------------------------------------------------------------------------------------------------ BLIP-2

@@ -127,6 +127,8 @@ def add_commands(subparsers: argparse._SubParsersAction, common: argparse.Argume
     e.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
     e.add_argument("--batch-size", type=int, default=64)
     e.add_argument("--num-beams", type=int, default=3, help="beam size for captions (default: 3)")
+    e.add_argument("--layer", type=int, default=None,
+                   help="cross-attention layer grounding reads its GradCAM from (default: the model's)")
     e.add_argument("--out", default=None, help="also write the metrics (and generated captions/answers) as JSON")
     e.set_defaults(func=run_eval)
 
@@ -299,7 +301,7 @@ def run_eval(args: argparse.Namespace) -> int:
     model = blipkit.load(args.model, device=_device_default(args), dtype=args.dtype)
     report = evaluate(model, args.data, split=args.split, tasks=tasks, k=args.k, limit=args.limit,
                       image_root=args.image_root, vqa=args.vqa, boxes=args.boxes, batch_size=args.batch_size,
-                      num_beams=args.num_beams, skip_bad=args.skip_bad)
+                      num_beams=args.num_beams, skip_bad=args.skip_bad, layer=args.layer)
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report["metrics"], indent=2) if args.json else format_metrics(report))

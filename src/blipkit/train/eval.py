@@ -283,10 +283,13 @@ def retrieval(model: BlipBase, feats: Tensor, texts: list[str], text_image: list
 # ----------------------------------------------------------------------------------------------- grounding
 
 
-def pointing_accuracy(model: BlipBase, images: list[Path], boxes: list[list[dict]]) -> tuple[float, int]:
+def pointing_accuracy(
+    model: BlipBase, images: list[Path], boxes: list[list[dict]], layer: int | None = None
+) -> tuple[float, int]:
     """Share (percent) of uniquely named objects ("the red circle") whose GradCAM peak falls inside their box.
 
-    Uses `blipkit.tasks.ground`; returns (accuracy, number of phrases).
+    Uses `blipkit.tasks.ground` (at cross-attention `layer`; None: the model's default); returns (accuracy, number
+    of phrases).
     """
     from ..tasks import ground
 
@@ -296,7 +299,7 @@ def pointing_accuracy(model: BlipBase, images: list[Path], boxes: list[list[dict
         for o in objs:
             if names[(o["colour"], o["shape"])] != 1:
                 continue
-            x, y = ground(model, image, f"the {o['colour']} {o['shape']}").peak
+            x, y = ground(model, image, f"the {o['colour']} {o['shape']}", layer=layer).peak
             x1, y1, x2, y2 = o["box_norm"]
             hits += x1 <= x <= x2 and y1 <= y <= y2
             n += 1
@@ -380,9 +383,10 @@ def evaluate(
     batch_size: int = 64,
     num_beams: int = 3,
     skip_bad: bool = False,
+    layer: int | None = None,
 ) -> dict:
     """Metrics of a BLIP or BLIP-2 `model` on a split; returns {"metrics": {...}, "counts": {...}, "captions": [...],
-    "answers": [...]}.
+    "answers": [...]}. `layer`: the cross-attention layer grounding reads (None: the model's default).
 
     Tasks the model or the data cannot do are reported under "skipped" with the reason.
     """
@@ -445,7 +449,7 @@ def evaluate(
         elif why := _unable(model, "grounding"):
             skipped["grounding"] = why
         else:
-            acc, n = pointing_accuracy(model, [it.image for it in items], objects)
+            acc, n = pointing_accuracy(model, [it.image for it in items], objects, layer)
             metrics["pointing_acc"] = acc
             counts["grounding_phrases"] = n
     report.update(metrics={k_: round(v, 2) for k_, v in metrics.items()}, counts=counts, skipped=skipped)
