@@ -237,6 +237,14 @@ def test_boxes_hold_exactly_their_colour(scenes):
             assert not (mask & ~inside).any(), f"{colour} pixels outside the boxes of {owners}"
 
 
+def test_light_backgrounds_hold_no_white_object(scenes):
+    light = [s for s in scenes if np.asarray(s.image)[0, 0].min() > 225]
+    assert 0.1 * len(scenes) < len(light) < 0.3 * len(scenes)  # one scene in five
+    assert any((np.asarray(s.image)[0, 0] == 255).all() for s in light)  # white pages among them
+    for s in light:
+        assert s.background == "plain" and "white" not in {o.colour for o in s.objects}
+
+
 def test_draw_shape_fills_its_box():
     for shape in SHAPES:
         img = Image.new("RGB", (40, 40), (128, 128, 128))

@@ -3,7 +3,9 @@
 A scene holds one to three shapes (six shapes, eight colours, two sizes) whose boxes never overlap (they keep a
 2-pixel gap), on a grey or pale-tinted background that is plain, a gradient or textured noise. Background pixels stay
 within 105..225 in every channel, while every object colour has a channel outside that range, so no background pixel
-ever has an object's colour. Drawing is aliased: each object's pixels are exactly its colour.
+ever has an object's colour. One scene in five has instead a plain light background (232..255 grey, white included, as
+a page drawn on); those scenes hold no white object, so again no background pixel has the colour of an object.
+Drawing is aliased: each object's pixels are exactly its colour.
 
 Every caption and question is generated from the object list and is true of it:
 - relations ("left of", "above", ...) compare box centres and need a difference of at least a tenth of the image side
@@ -77,6 +79,8 @@ _SIZE_RANGE = {"small": (0.14, 0.20), "large": (0.28, 0.38)}  # box width as a f
 _GAP = 2  # pixels kept between boxes and from the image border
 _RELATION_MARGIN = 0.1  # centres must differ by this fraction of the image side to state a relation
 _BG_RANGE = (105, 225)
+_LIGHT_SHARE = 0.2  # scenes on a plain light grey or white background (and no white object)
+_LIGHT_RANGE = (232, 255)
 _BG_TINTS = ((0, 0, 0), (10, 5, -12), (-10, 0, 12), (-6, 10, -6), (10, -6, 8), (8, 8, -14))
 _MIN_IMAGE_SIZE = 32
 
@@ -203,10 +207,9 @@ def _find_box(rng: random.Random, image_size: int, shape: str, size: str, taken:
     return None
 
 
-def _pick_attributes(rng: random.Random, objs: list[Obj]) -> tuple[str, str]:
-    """Shape and colour of a new object; often shares one or both with an earlier object so counts and
-    disambiguation get exercised."""
-    colours = list(COLOURS)
+def _pick_attributes(rng: random.Random, objs: list[Obj], colours: list[str]) -> tuple[str, str]:
+    """Shape and colour (one of `colours`) of a new object; often shares one or both with an earlier object so counts
+    and disambiguation get exercised."""
     if objs:
         ref, r = rng.choice(objs), rng.random()
         if r < 0.15:
@@ -218,12 +221,12 @@ def _pick_attributes(rng: random.Random, objs: list[Obj]) -> tuple[str, str]:
     return rng.choice(SHAPES), rng.choice(colours)
 
 
-def _place_objects(rng: random.Random, image_size: int) -> list[Obj]:
-    """One to three objects with non-overlapping boxes."""
+def _place_objects(rng: random.Random, image_size: int, colours: list[str]) -> list[Obj]:
+    """One to three objects in `colours` with non-overlapping boxes."""
     n = rng.choices((1, 2, 3), weights=(1, 2, 2))[0]
     objs: list[Obj] = []
     for _ in range(n):
-        shape, colour = _pick_attributes(rng, objs)
+        shape, colour = _pick_attributes(rng, objs, colours)
         size = rng.choice(SIZES)
         box = _find_box(rng, image_size, shape, size, [o.box for o in objs])
         if box is None and size == "large":
@@ -239,8 +242,11 @@ def _background_colour(rng: random.Random) -> np.ndarray:
     return rng.randint(130, 200) + np.array(rng.choice(_BG_TINTS), dtype=np.float32)
 
 
-def _background(rng: random.Random, image_size: int) -> tuple[Image.Image, str]:
-    """A plain, gradient or textured background whose pixels stay inside the background range."""
+def _background(rng: random.Random, image_size: int) -> tuple[Image.Image, str, bool]:
+    """A plain, gradient or textured background whose pixels stay inside the background range, or (one in five) a
+    plain light one; returns (image, kind, light)."""
+    if rng.random() < _LIGHT_SHARE:
+        return Image.new("RGB", (image_size, image_size), (rng.randint(*_LIGHT_RANGE),) * 3), "plain", True
     kind = rng.choice(BACKGROUNDS)
     base = _background_colour(rng)
     s = image_size
@@ -258,7 +264,7 @@ def _background(rng: random.Random, image_size: int) -> tuple[Image.Image, str]:
         grain = np_rng.normal(0.0, 5.0, (s, s)).astype(np.float32)
         arr = base + (blobs + grain)[:, :, None]  # grey texture over the tint, (S, S, 3)
     arr = np.clip(np.rint(arr), *_BG_RANGE).astype(np.uint8)
-    return Image.fromarray(np.ascontiguousarray(arr)), kind
+    return Image.fromarray(np.ascontiguousarray(arr)), kind, False
 
 
 # ----------------------------------------------------------------------------------------------------- language
@@ -510,8 +516,8 @@ def _check_image_size(image_size: int) -> None:
 def generate_scene(rng: random.Random, image_size: int = 128, n_captions: int = 5) -> Scene:
     """One random scene drawn with `rng` (a `random.Random`): image, true captions, question-answer pairs, objects."""
     _check_image_size(image_size)
-    image, background = _background(rng, image_size)
-    objs = _place_objects(rng, image_size)
+    image, background, light = _background(rng, image_size)
+    objs = _place_objects(rng, image_size, [c for c in COLOURS if not (light and c == "white")])
     draw = ImageDraw.Draw(image)
     for o in objs:
         draw_shape(draw, o.shape, COLOURS[o.colour], o.box)
