@@ -32,6 +32,7 @@ from blipkit.train.tags import (
     read_boxes,
     read_labels,
     tag_targets,
+    tags_recipe,
 )
 from blipkit.train.vocab import SPECIALS, build_tokenizer
 
@@ -190,6 +191,27 @@ def test_patch_targets_share_each_patch_by_covered_pixels(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps([{"image": "a.png", "objects": [{"shape": "square"}]}]))
     with pytest.raises(InputError, match=r"entry 0 \(a.png\) has an object without shape, colour and a box_norm"):
         read_boxes(tmp_path / "bad.json")
+
+
+def test_patch_losses_by_hand(scenes):
+    model, items = _tiny(scenes)
+    boxes = read_boxes(scenes / "annotations" / "train_boxes.json")
+    recipe = tags_recipe(model, items[:4], min_count=1, boxes=boxes)
+    heads = recipe.objectives.patch_heads
+    batch = recipe.collate([tdata.ItemDataset(items, model.processor, 0)[(0, i)] for i in range(4)])
+    grid = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    assert batch["patch_shape"].shape == (4, grid * grid, len(heads["shape"].weight))
+    with torch.no_grad():  # zero heads predict every class alike: the cross-entropy is log(classes)
+        for head in heads.values():
+            head.weight.zero_()
+            head.bias.zero_()
+    losses = recipe.objectives(batch)
+    for f in ("shape", "colour"):
+        assert losses[f"patch_{f}"].item() == pytest.approx(math.log(heads[f].out_features), rel=1e-6)
+    with torch.no_grad():  # a head sure of "background" everywhere: the loss is 20 x the covered share of patches
+        heads["shape"].bias[0] = 20.0
+    covered = 1 - batch["patch_shape"][..., 0].mean().item()
+    assert recipe.objectives(batch)["patch_shape"].item() == pytest.approx(20 * covered, rel=1e-4, abs=1e-6)
 
 
 def test_cli_tags_stage_then_blip_from_it(scenes, tmp_path):
