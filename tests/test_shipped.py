@@ -1,6 +1,6 @@
 """The shipped models (`scenes-blip`, and the BLIP-2 pair `scenes-blip2-itm` / `scenes-blip2-opt`): load by name,
 stay small, keep the numbers of their model card on a freshly generated test split (a seed they never saw), and
-`scenes-blip` names the colour of single shapes drawn with plain PIL."""
+`scenes-blip` names the colour and shape of single shapes drawn with plain PIL."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import blipkit
-from blipkit.data.scenes import write_dataset
+from blipkit.data.scenes import SHAPES, write_dataset
 from blipkit.train.eval import evaluate
 
 NAME = "scenes-blip"
@@ -104,15 +104,14 @@ def draw(shape: str, colour: str, background: tuple[int, int, int] = (215, 215, 
     return image
 
 
-CASES = [("circle", "red"), ("square", "blue"), ("triangle", "green"), ("diamond", "yellow"), ("hexagon", "purple"),
-         ("star", "orange"), ("circle", "black")]
+CASES = [(s, c) for s in SHAPES for c in COLOURS]  # every shape in every colour
 
 
-def test_single_pil_shape_colour_and_shape(model):
-    """Shapes drawn by plain PIL on a light grey background: the colour and shape answers, the caption's colour and
-    shape words, and ITM among one text per colour are right for every case (see the model card for lighter
-    backgrounds, where shape answers degrade)."""
-    images = [draw(s, c) for s, c in CASES]
+@pytest.mark.parametrize("background", [(215, 215, 215), (255, 255, 255)], ids=["light-grey", "white"])
+def test_single_pil_shape_colour_and_shape(model, background):
+    """Shapes drawn by plain PIL on a light grey or a white page: the colour and shape answers, the caption's colour
+    and shape words, and ITM among one text per colour are right for every shape in every colour."""
+    images = [draw(s, c, background) for s, c in CASES]
     captions = model.caption(images, min_new_tokens=1)
     answers = model.answer(images, [f"what color is the {s}?" for s, _ in CASES])
     shapes = model.answer(images, ["what shape is it?"] * len(CASES))
