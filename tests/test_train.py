@@ -23,10 +23,12 @@ from blipkit.train.losses import Objectives, itc_loss, itm_loss, lm_loss, sample
 from blipkit.train.model import sample_pixels, scratch_model, whiten_patch_embedding
 from blipkit.train.tags import (
     PATCH_LABELS_FILE,
+    PLACES,
     TAG_HEAD_FILE,
     TAGS_FILE,
     build_tags,
     caption_tags,
+    object_place,
     patch_classes,
     patch_targets,
     read_boxes,
@@ -180,12 +182,20 @@ def test_patch_targets_share_each_patch_by_covered_pixels(tmp_path):
     square = {"shape": "square", "colour": "red", "box_norm": [0.0, 0.0, 0.5, 0.5]}  # exactly the top-left patch
     half = {"shape": "blob", "colour": "blue", "box_norm": [0.5, 0.75, 1.0, 1.0]}  # not a scenes shape: its box
     classes = patch_classes({"a.png": [square], "b.png": [half]})
-    assert classes == {"shape": ["background", "blob", "square"], "colour": ["background", "blue", "red"]}
+    assert classes == {"shape": ["background", "blob", "square"], "colour": ["background", "blue", "red"],
+                       "where": ["background", *PLACES]}
     t = patch_targets([square, half], classes, grid=2)
     assert t["shape"].tolist() == [[0, 0, 1], [1, 0, 0], [1, 0, 0], [0.5, 0.5, 0]]
     assert t["colour"].tolist() == [[0, 0, 1], [1, 0, 0], [1, 0, 0], [0.5, 0.5, 0]]
+    # the square's centre (0.25, 0.25) is in the top-left third, the half box's (0.75, 0.875) in the bottom right
+    assert object_place(square) == "top left" and object_place(half) == "bottom right"
+    where = classes["where"]
+    assert t["where"][0, where.index("top left")] == 1 and t["where"][3, where.index("bottom right")] == 0.5
+    assert object_place({"box_norm": [0.4, 0.0, 0.6, 1.0]}) == "centre"
+    assert object_place({"box_norm": [0.9, 0.0, 1.0, 0.2]}) == "top right"
     circle = patch_targets([{"shape": "circle", "colour": "red", "box_norm": [0, 0, 1, 1]}],
-                           {"shape": ["background", "circle"], "colour": ["background", "red"]}, grid=2, cell=32)
+                           {"shape": ["background", "circle"], "colour": ["background", "red"],
+                            "where": ["background", *PLACES]}, grid=2, cell=32)
     # a circle filling the image covers pi/4 of it: each quadrant in the same share
     assert torch.allclose(circle["shape"][:, 1], torch.full((4,), math.pi / 4), atol=0.02)
     (tmp_path / "bad.json").write_text(json.dumps([{"image": "a.png", "objects": [{"shape": "square"}]}]))
@@ -206,7 +216,7 @@ def test_patch_losses_by_hand(scenes):
             head.weight.zero_()
             head.bias.zero_()
     losses = recipe.objectives(batch)
-    for f in ("shape", "colour"):
+    for f in ("shape", "colour", "where"):
         assert losses[f"patch_{f}"].item() == pytest.approx(math.log(heads[f].out_features), rel=1e-6)
     with torch.no_grad():  # a head sure of "background" everywhere: the loss is 20 x the covered share of patches
         heads["shape"].bias[0] = 20.0
@@ -221,7 +231,7 @@ def test_cli_tags_stage_then_blip_from_it(scenes, tmp_path):
             "--patch-labels", "boxes", "--json"]
     assert cli(args) == 0
     rows = [json.loads(line) for line in (out / loop.LOG_FILE).read_text().splitlines()]
-    for loss in ("tags", "patch_shape", "patch_colour"):
+    for loss in ("tags", "patch_shape", "patch_colour", "patch_where"):
         assert sum(r[loss] for r in rows[-5:]) < sum(r[loss] for r in rows[:5]) - 0.1, loss
     tags = json.loads((out / TAGS_FILE).read_text())
     assert "red" in tags and (out / TAG_HEAD_FILE).is_file()

@@ -9,10 +9,12 @@ the ViT's `[CLS]` output learns to predict them (multi-label binary cross-entrop
 carry the binding of attributes to objects that single words lose. Where labels exist (object classes, or the boxes
 of the generated scenes), `--tags FILE` uses them instead of the captions.
 
-Where boxes exist, `--patch-labels` adds a dense objective: every patch token learns which object covers it (its shape
-and its colour, or background), as a distribution over classes in proportion to the patch's pixels each object
-covers. Sixty-four targets per image instead of one set of tags teach the patch tokens what and where each object is,
-which captioning, VQA positions and grounding read from the patches.
+Where boxes exist, `--patch-labels` adds a dense objective: every patch token learns which object covers it (its shape,
+its colour and which third of the image, across and down, holds its centre; or background), as a distribution over
+classes in proportion to the patch's pixels each object covers. Sixty-four targets per image instead of one set of
+tags teach the patch tokens what and where each object is, which captioning, VQA positions and grounding read from
+the patches; shape and colour alone are the same wherever an object sits, and a ViT trained on them keeps little of
+where its patches are.
 
 The stage trains the image encoder of a full BLIP model (built with `--arch`, its tokenizer built from the data, as
 for BLIP training from scratch) and saves that model, so the next run continues from it with every objective:
@@ -44,7 +46,10 @@ TAG_HEAD_FILE = "tag_head.safetensors"
 TAGS_FILE = "tags.json"
 PATCH_LABELS_FILE = "patch_labels.json"
 BACKGROUND = "background"
-PATCH_FIELDS = ("shape", "colour")  # what each patch learns of the object covering it
+OBJECT_FIELDS = ("shape", "colour")  # what a boxes file names of each object
+PATCH_FIELDS = (*OBJECT_FIELDS, "where")  # what each patch learns of the object covering it
+# "where": the third of the image, across and down, that holds the object's centre
+PLACES = ("top left", "top", "top right", "left", "centre", "right", "bottom left", "bottom", "bottom right")
 
 
 def caption_tags(captions: Iterable[str]) -> set[str]:
@@ -125,7 +130,7 @@ def tag_targets(items: list[Item], tags: list[str], labels: dict[str, set[str]] 
 
 def read_boxes(path: str | Path) -> dict[str, list[dict]]:
     """A scenes boxes file -> {image: objects}; each object needs "box_norm" ([x1, y1, x2, y2] in 0..1) and the
-    `PATCH_FIELDS`. Errors name the entry."""
+    `OBJECT_FIELDS`. Errors name the entry."""
     path = Path(path)
     try:
         data = json.loads(path.read_text())
@@ -140,17 +145,26 @@ def read_boxes(path: str | Path) -> dict[str, list[dict]]:
             raise InputError(f"--patch-labels {path}: entry {n} needs 'image' and an 'objects' list")
         for o in objects:
             box = o.get("box_norm") if isinstance(o, dict) else None
-            if (not isinstance(box, list) or len(box) != 4 or not all(isinstance(o.get(f), str) for f in PATCH_FIELDS)
+            if (not isinstance(box, list) or len(box) != 4 or not all(isinstance(o.get(f), str) for f in OBJECT_FIELDS)
                     or not 0 <= box[0] < box[2] <= 1 or not 0 <= box[1] < box[3] <= 1):
                 raise InputError(f"--patch-labels {path}: entry {n} ({entry['image']}) has an object without "
-                                 f"{', '.join(PATCH_FIELDS)} and a box_norm [x1, y1, x2, y2] within 0..1: {o}")
+                                 f"{', '.join(OBJECT_FIELDS)} and a box_norm [x1, y1, x2, y2] within 0..1: {o}")
         out[str(entry["image"])] = objects
     return out
 
 
 def patch_classes(boxes: dict[str, list[dict]]) -> dict[str, list[str]]:
-    """Each patch field's classes: background first, then the values the objects use, sorted."""
-    return {f: [BACKGROUND, *sorted({o[f] for objs in boxes.values() for o in objs})] for f in PATCH_FIELDS}
+    """Each patch field's classes: background first, then the values the objects use, sorted (all nine `PLACES`
+    for "where")."""
+    classes = {f: [BACKGROUND, *sorted({o[f] for objs in boxes.values() for o in objs})] for f in OBJECT_FIELDS}
+    return {**classes, "where": [BACKGROUND, *PLACES]}
+
+
+def object_place(obj: dict) -> str:
+    """The `PLACES` entry of the third, across and down, holding the centre of `obj`'s box_norm."""
+    x1, y1, x2, y2 = obj["box_norm"]
+    column, row = (min(int((a + b) / 2 * 3), 2) for a, b in ((x1, x2), (y1, y2)))
+    return PLACES[3 * row + column]
 
 
 def object_mask(obj: dict, side: int) -> np.ndarray:
@@ -176,8 +190,9 @@ def patch_targets(objects: list[dict], classes: dict[str, list[str]], grid: int,
     out = {f: np.zeros((grid * grid, len(classes[f])), dtype=np.float32) for f in PATCH_FIELDS}
     for obj in objects:
         cover = object_mask(obj, side).reshape(grid, cell, grid, cell).mean(axis=(1, 3)).reshape(-1)
+        values = {**{f: obj[f] for f in OBJECT_FIELDS}, "where": object_place(obj)}
         for f in PATCH_FIELDS:
-            out[f][:, classes[f].index(obj[f])] += cover
+            out[f][:, classes[f].index(values[f])] += cover
     for f in PATCH_FIELDS:
         target = out[f]
         target[:, 1:] = np.minimum(target[:, 1:], 1.0)
