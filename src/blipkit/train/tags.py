@@ -12,9 +12,9 @@ of the generated scenes), `--tags FILE` uses them instead of the captions.
 Where boxes exist, `--patch-labels` adds a dense objective: every patch token learns which object covers it (its shape,
 its colour and which third of the image, across and down, holds its centre; or background), as a distribution over
 classes in proportion to the patch's pixels each object covers. Sixty-four targets per image instead of one set of
-tags teach the patch tokens what and where each object is, which captioning, VQA positions and grounding read from
-the patches; shape and colour alone are the same wherever an object sits, and a ViT trained on them keeps little of
-where its patches are.
+tags teach the patch tokens what and where each object is, which captioning and grounding read from the patches;
+shape and colour alone are the same wherever an object sits, and a ViT trained on them keeps little of where its
+patches are.
 
 The stage trains the image encoder of a full BLIP model (built with `--arch`, its tokenizer built from the data, as
 for BLIP training from scratch) and saves that model, so the next run continues from it with every objective:
