@@ -206,8 +206,10 @@ def test_score_matrix_and_picture(model, images, work):
     path = work / "out" / "matrix.png"
     tasks.render_matrix(itm, images, TEXTS, path, title="ITM")
     arr = png(path)
-    orange = np.abs(arr.astype(int) - COLOURS["orange"]).max(-1) < 12
-    assert orange.sum() > 20  # the orange star of the first scene's thumbnail
+    first = generate_split(1, seed=3, image_size=64)[0]  # the scene of images[0]
+    colour = next(o.colour for o in first.objects if o.colour not in ("white", "black"))
+    drawn = np.abs(arr.astype(int) - COLOURS[colour]).max(-1) < 12
+    assert drawn.sum() > 20, colour  # the first scene's thumbnail shows its object
     with pytest.raises(InputError, match="scores are"):
         tasks.render_matrix(itm[:2], images, TEXTS)
     with pytest.raises(InputError, match="PNG"):
