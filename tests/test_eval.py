@@ -146,6 +146,9 @@ def test_eval_cli_json_and_bad_input(tiny_run, tmp_path, capsys):
         by_layer.append(json.loads(capsys.readouterr().out)["pointing_acc"])
     assert cli(grounding) == 0  # the default: this 2-layer model's layer 0
     assert json.loads(capsys.readouterr().out)["pointing_acc"] == by_layer[0]
+    (tmp_path / "boxes.json").write_text(json.dumps([{"image": "x.png", "objects": [{"shape": "circle"}]}]))
+    assert cli(grounding + ["--boxes", str(tmp_path / "boxes.json")]) == 2
+    assert "--boxes" in (err := capsys.readouterr().err) and "entry 0 (x.png)" in err
 
 
 # ------------------------------------------------------------------------------------------------ BLIP-2

@@ -67,7 +67,8 @@ def add_commands(subparsers: argparse._SubParsersAction, common: argparse.Argume
                    help="--stage tags: what the tags are: the captions' words and word pairs (default), 'boxes' "
                    "(the objects of a scenes dataset: colour, shape, 'colour shape'), or a JSON file {image: [tags]}")
     p.add_argument("--patch-labels", default=None, metavar="BOXES",
-                   help="--stage tags: also teach every patch the shape and colour of the object covering it, from "
+                   help="--stage tags: also teach every patch the shape, colour and place (third of the image) of the "
+                   "object covering it, from "
                    "'boxes' (a scenes dataset's boxes) or a boxes JSON [{image, objects: [{shape, colour, box_norm}]}]")
     p.add_argument("--tag-min-count", type=int, default=None,
                    help="--stage tags: a caption word or word pair is a tag when at least this many images use it "

@@ -35,6 +35,7 @@ from ..data.scenes import SHAPES
 from ..errors import InputError
 from ..tasks.common import itc_scores
 from .data import Item, load_items
+from .tags import read_boxes
 
 # ----------------------------------------------------------------------------------------------- captions
 
@@ -309,23 +310,16 @@ def pointing_accuracy(
 # ----------------------------------------------------------------------------------------------- driver
 
 
-def _read_boxes(path: Path) -> dict[str, list[dict]]:
-    import json
-
-    data = json.loads(path.read_text())
-    return {e["image"]: e["objects"] for e in data}
-
-
 def _boxes_for(data: str | Path, split: str, boxes: str | Path | None) -> dict[str, list[dict]] | None:
     if boxes is not None:
-        return _read_boxes(Path(boxes))
+        return read_boxes(boxes, "--boxes")
     manifest = Path(data) / "dataset.json"
     if manifest.is_file():
         import json
 
         info = json.loads(manifest.read_text())["splits"].get(split, {})
         if info.get("boxes") and (Path(data) / info["boxes"]).is_file():
-            return _read_boxes(Path(data) / info["boxes"])
+            return read_boxes(Path(data) / info["boxes"], "--boxes")
     return None
 
 

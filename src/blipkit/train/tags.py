@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from ..blip import Blip
 from ..checkpoint import write_safetensors
+from ..data.scenes import SHAPES, draw_shape
 from ..errors import InputError
 from .data import Item, Sample, _key
 from .loop import Recipe
@@ -128,26 +129,26 @@ def tag_targets(items: list[Item], tags: list[str], labels: dict[str, set[str]] 
     return out
 
 
-def read_boxes(path: str | Path) -> dict[str, list[dict]]:
+def read_boxes(path: str | Path, flag: str = "--patch-labels") -> dict[str, list[dict]]:
     """A scenes boxes file -> {image: objects}; each object needs "box_norm" ([x1, y1, x2, y2] in 0..1) and the
-    `OBJECT_FIELDS`. Errors name the entry."""
+    `OBJECT_FIELDS`. Errors name the option (`flag`), the file and the entry."""
     path = Path(path)
     try:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise InputError(f"--patch-labels {path}: cannot read a JSON file ({e})") from None
+        raise InputError(f"{flag} {path}: cannot read a JSON file ({e})") from None
     if not isinstance(data, list):
-        raise InputError(f"--patch-labels {path}: expected a list of {{'image', 'objects'}} entries")
+        raise InputError(f"{flag} {path}: expected a list of {{'image', 'objects'}} entries")
     out = {}
     for n, entry in enumerate(data):
         objects = entry.get("objects") if isinstance(entry, dict) else None
         if not isinstance(objects, list) or "image" not in entry:
-            raise InputError(f"--patch-labels {path}: entry {n} needs 'image' and an 'objects' list")
+            raise InputError(f"{flag} {path}: entry {n} needs 'image' and an 'objects' list")
         for o in objects:
             box = o.get("box_norm") if isinstance(o, dict) else None
             if (not isinstance(box, list) or len(box) != 4 or not all(isinstance(o.get(f), str) for f in OBJECT_FIELDS)
                     or not 0 <= box[0] < box[2] <= 1 or not 0 <= box[1] < box[3] <= 1):
-                raise InputError(f"--patch-labels {path}: entry {n} ({entry['image']}) has an object without "
+                raise InputError(f"{flag} {path}: entry {n} ({entry['image']}) has an object without "
                                  f"{', '.join(OBJECT_FIELDS)} and a box_norm [x1, y1, x2, y2] within 0..1: {o}")
         out[str(entry["image"])] = objects
     return out
@@ -169,8 +170,6 @@ def object_place(obj: dict) -> str:
 
 def object_mask(obj: dict, side: int) -> np.ndarray:
     """(side, side) float mask of `obj` drawn at `side` pixels: the scenes shape where it is one, else its box."""
-    from ..data.scenes import SHAPES, draw_shape
-
     x1, y1, x2, y2 = obj["box_norm"]
     box = [round(x1 * side), round(y1 * side), max(round(x2 * side), round(x1 * side) + 2),
            max(round(y2 * side), round(y1 * side) + 2)]
@@ -218,7 +217,8 @@ class TagCollate:
 
 
 class TagObjectives(nn.Module):
-    """BLIP's ViT with a linear tag head on its `[CLS]` output; forward returns {"tags": BCE}."""
+    """BLIP's ViT with a linear tag head on its `[CLS]` output and, given `patch_classes`, a linear head per patch
+    field on the patch tokens; forward returns {"tags": BCE, "patch_{field}": soft cross-entropy, ...}."""
 
     def __init__(self, model: Blip, num_tags: int, patch_classes: dict[str, list[str]] | None = None):
         super().__init__()
@@ -228,10 +228,6 @@ class TagObjectives(nn.Module):
         # plateau hundreds of steps later (measured on the generated scenes)
         self.tag_head = nn.Linear(width, num_tags)
         self.patch_heads = nn.ModuleDict({f: nn.Linear(width, len(c)) for f, c in (patch_classes or {}).items()})
-
-    def logits(self, pixels: Tensor) -> Tensor:
-        """(N, 3, H, W) -> (N, tags) tag logits."""
-        return self.tag_head(self.model.vision_model(pixels)[:, 0])
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         states = self.model.vision_model(batch["pixels"])
@@ -265,8 +261,7 @@ def tags_recipe(model: Blip, items: list[Item], min_count: int = 20, max_share: 
 
     def write(directory: Path) -> None:
         save(model, directory)
-        heads = {f"tag_head.{k}": v for k, v in objectives.tag_head.state_dict().items()}
-        heads.update({f"patch_heads.{k}": v for k, v in objectives.patch_heads.state_dict().items()})
+        heads = {k: v for k, v in objectives.state_dict().items() if not k.startswith("model.")}
         write_safetensors(heads, Path(directory) / TAG_HEAD_FILE)
         (Path(directory) / TAGS_FILE).write_text(json.dumps(tags, indent=0) + "\n")
         if classes is not None:
