@@ -12,17 +12,9 @@ import torch
 from blipkit.cli import main as cli
 from blipkit.data.scenes import write_dataset
 from blipkit.train import loop
-from blipkit.train.eval import (
-    bleu,
-    caption_facts,
-    cider_d,
-    colour_shape_accuracy,
-    evaluate,
-    normalize_answer,
-    recall_at,
-    rerank,
-    vqa_accuracy,
-)
+from blipkit.train.eval import evaluate, rerank
+from blipkit.train.metrics import bleu, cider_d, normalize_answer, recall_at, vqa_accuracy
+from blipkit.train.scene_metrics import caption_facts, colour_shape_accuracy
 
 from .conftest import spread_weights
 
@@ -158,8 +150,8 @@ def test_eval_cli_json_and_bad_input(tiny_run, tmp_path, capsys):
 def blip2_dirs(tiny_run, tmp_path_factory):
     """A tiny BLIP-2 retrieval model (stage 1 on the tiny BLIP's ViT) and a generation model with a tiny OPT."""
     import blipkit
+    from blipkit.data.readers import load_items
     from blipkit.train.blip2_stages import stage1_model, stage2_model
-    from blipkit.train.data import load_items
     from blipkit.train.lm import build_bpe_tokenizer, scratch_lm
 
     root, out = tiny_run
@@ -204,7 +196,7 @@ def brute_force_retrieval(model, images: list, texts: list[str], owner: list[int
 
 def test_evaluate_blip2_retrieval_equals_brute_force(tiny_run, blip2_dirs):
     import blipkit
-    from blipkit.train.data import load_items
+    from blipkit.data.readers import load_items
     from blipkit.train.eval import itm_scorer
 
     root, _ = tiny_run
@@ -231,7 +223,7 @@ def test_evaluate_blip2_retrieval_equals_brute_force(tiny_run, blip2_dirs):
 
 def test_evaluate_blip2_generation(tiny_run, blip2_dirs, capsys):
     import blipkit
-    from blipkit.train.data import load_items
+    from blipkit.data.readers import load_items
 
     root, _ = tiny_run
     model = blipkit.load(blip2_dirs[1])

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 import blipkit
 from blipkit.cli import main as cli
+from blipkit.data import readers
 from blipkit.data.scenes import write_dataset
 from blipkit.errors import CheckpointError, InputError
 from blipkit.train import data as tdata
@@ -103,7 +104,7 @@ def scenes(tmp_path_factory) -> Path:
 
 
 def _tiny(scenes_dir: Path, seed: int = 0):
-    items = tdata.load_items(scenes_dir, "train").items
+    items = readers.load_items(scenes_dir, "train").items
     texts = [c for it in items for c in it.captions] + [t for it in items for q, a in it.qa for t in (q, *a)]
     return scratch_model("tiny", build_tokenizer(texts), seed=seed), items
 
@@ -148,7 +149,7 @@ def test_cli_patch_init_needs_arch(scenes, tmp_path, capsys):
 def test_caption_tags_and_vocabulary():
     assert caption_tags(["A Red circle.", "a red square"]) == {
         "a", "red", "circle", ".", "square", "a red", "red circle", "circle .", "red square"}
-    items = [tdata.Item(Path(f"{i}.png"), f"{i}.png", [f"a {c} circle", "an image"]) for i, c in
+    items = [readers.Item(Path(f"{i}.png"), f"{i}.png", [f"a {c} circle", "an image"]) for i, c in
              enumerate(["red"] * 3 + ["blue"] * 2 + ["green"])]
     # "a", "circle", "an image" are used by every image (more than half), "green" by one (fewer than 2)
     assert build_tags(items, min_count=2, max_share=0.5) == ["a blue", "a red", "blue", "blue circle", "red",
@@ -161,7 +162,7 @@ def test_caption_tags_and_vocabulary():
 
 
 def test_tags_from_labels_and_scene_boxes(scenes, tmp_path):
-    items = tdata.load_items(scenes, "train").items
+    items = readers.load_items(scenes, "train").items
     labels = read_labels(scenes / "annotations" / "train_boxes.json")
     boxes = {e["image"]: e["objects"] for e in json.loads((scenes / "annotations" / "train_boxes.json").read_text())}
     first = items[0]
@@ -387,12 +388,12 @@ def test_karpathy_errors_name_the_entry(scenes, tmp_path):
     path = tmp_path / "train.json"
     path.write_text(json.dumps(entries))
     with pytest.raises(InputError, match=r"entry 1 \(images/train/missing.png\).*does not exist"):
-        tdata.read_karpathy(path, image_root=scenes)
+        readers.read_karpathy(path, image_root=scenes)
     del entries[2]["caption"]
     path.write_text(json.dumps(entries))
     with pytest.raises(InputError, match="entry 2: needs 'image' .* and 'caption'"):
-        tdata.read_karpathy(path, image_root=scenes)
-    loaded = tdata.read_karpathy(path, image_root=scenes, skip_bad=True)
+        readers.read_karpathy(path, image_root=scenes)
+    loaded = readers.read_karpathy(path, image_root=scenes, skip_bad=True)
     assert (len(loaded.items), loaded.skipped) == (2, 2)
 
 
@@ -419,7 +420,7 @@ def test_original_karpathy_and_folder_formats(scenes, tmp_path):
         for e, s in zip(entries, ("train", "restval", "test"), strict=True)]}
     path = tmp_path / "dataset_coco.json"
     path.write_text(json.dumps(original))
-    loaded = tdata.read_karpathy(path, image_root=scenes, split="train")
+    loaded = readers.read_karpathy(path, image_root=scenes, split="train")
     assert len(loaded.items) == 2 and loaded.items[0].captions == entries[0]["caption"]
     folder = tmp_path / "folder"
     folder.mkdir()
@@ -428,8 +429,8 @@ def test_original_karpathy_and_folder_formats(scenes, tmp_path):
         (folder / f"{i}.txt").write_text("\n".join(e["caption"]))
     (folder / "3.png").write_bytes((scenes / entries[0]["image"]).read_bytes())  # no captions
     with pytest.raises(InputError, match="3.png: no captions"):
-        tdata.read_folder(folder)
-    assert len(tdata.read_folder(folder, skip_bad=True).items) == 3
+        readers.read_folder(folder)
+    assert len(readers.read_folder(folder, skip_bad=True).items) == 3
 
 
 def test_metadata_folder_and_vqa_attach(scenes, tmp_path):
@@ -443,14 +444,14 @@ def test_metadata_folder_and_vqa_attach(scenes, tmp_path):
     lines.append(json.dumps({"file_name": "gone.png", "text": "a red circle"}))
     (folder / "metadata.jsonl").write_text("\n".join(lines))
     with pytest.raises(InputError, match="metadata.jsonl line 4.*gone.png does not exist"):
-        tdata.read_folder(folder)
-    assert len(tdata.read_folder(folder, skip_bad=True).items) == 3
+        readers.read_folder(folder)
+    assert len(readers.read_folder(folder, skip_bad=True).items) == 3
     vqa = tmp_path / "vqa.json"
     vqa.write_text(json.dumps([{"image": "0.png", "question": "how many shapes are there?", "answer": "two"},
                                {"image": "1.png", "question": "what color is it?"}]))
     with pytest.raises(InputError, match="vqa.json: entry 1: needs 'image', 'question' and 'answer'"):
-        tdata.read_vqa(vqa)
-    loaded = tdata.load_items(folder, vqa=vqa, skip_bad=True)
+        readers.read_vqa(vqa)
+    loaded = readers.load_items(folder, vqa=vqa, skip_bad=True)
     assert loaded.skipped == 2 and loaded.items[0].qa == [("how many shapes are there?", ["two"])]
 
 
@@ -468,10 +469,10 @@ def test_tar_shards_stream_and_resume(scenes, tmp_path):
                                             "answer": q["answer"]}))
                 tar.add(meta, arcname=f"{key}.json")
     spec = str(tmp_path / "shard-{000..002}.tar")
-    assert len(tdata.expand_shards(spec)) == 3
+    assert len(readers.expand_shards(spec)) == 3
     model, _ = _tiny(scenes)
     collate = tdata.Collate(model.tokenizer, 40)
-    stream = tdata.ShardStream(tdata.expand_shards(spec), model.processor, seed=0, buffer=8)
+    stream = tdata.ShardStream(readers.expand_shards(spec), model.processor, seed=0, buffer=8)
     full = tdata.stream_batches(stream, collate, 8, 0)
     batches = [next(full) for _ in range(8)]  # 64 samples: more than one pass over the 48
     resumed = next(tdata.stream_batches(stream, collate, 8, 7))

@@ -358,7 +358,7 @@ def scenes(tmp_path_factory) -> Path:
 
 
 def tiny_blip(scenes: Path):
-    from blipkit.train.data import load_items
+    from blipkit.data.readers import load_items
     from blipkit.train.model import scratch_model
 
     items = load_items(scenes, "train").items
@@ -436,7 +436,7 @@ def test_cli_stage1_trains_and_reads_in_transformers(stage1_dir, scenes):
     model = blipkit.load(stage1_dir)
     assert model.config.architecture == RETRIEVAL and model.config.num_query_tokens == Q
     ref = Blip2ForImageTextRetrieval.from_pretrained(stage1_dir).eval()
-    from blipkit.train.data import load_items
+    from blipkit.data.readers import load_items
 
     items = load_items(scenes, "test").items[:3]
     px = model.pixels([str(it.image) for it in items])
@@ -489,7 +489,7 @@ def test_cli_stage2_trains_and_captions(stage1_dir, lm_dir, scenes, tmp_path):
         "--out", str(out), "--steps", "40", "--lr", "3e-3", *COMMON)
     assert falls(log(out, "lm"))
     model = blipkit.load(out)
-    from blipkit.train.data import load_items
+    from blipkit.data.readers import load_items
 
     images = [str(it.image) for it in load_items(scenes, "test").items[:2]]
     captions = model.caption(images, num_beams=2, max_new_tokens=8)
@@ -516,8 +516,8 @@ def tiny_t5_dir(scenes: Path, directory: Path) -> Path:
     from tokenizers import decoders, pre_tokenizers, processors, trainers
     from tokenizers.models import BPE
 
+    from blipkit.data.readers import load_items
     from blipkit.processing import Tokenizer
-    from blipkit.train.data import load_items
 
     backend = Backend(BPE())
     backend.pre_tokenizer, backend.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()

@@ -1,10 +1,10 @@
-"""Training and evaluation: objectives, data readers, the loop, metrics, and the `train` / `eval` commands.
+"""Training and evaluation: objectives, samples and batches, the loop, metrics (the commands are in `blipkit.cli.train`).
 
 BLIP trains directly (`train(model, ...)`); the BLIP-2 stages and the small language model are `Recipe`s for the
 same loop (`blip2_stages`, `lm`; see docs/training.md).
 
     from blipkit.train import TrainConfig, train, evaluate
-    from blipkit.train.data import load_items
+    from blipkit.data.readers import load_items
     items = load_items("data/scenes", "train").items
     train(model, items, TrainConfig(out="runs/x", steps=1000))
     evaluate(blipkit.load("runs/x"), "data/scenes", "test")["metrics"]

@@ -32,9 +32,10 @@ from tqdm import tqdm
 
 from ..blip import Blip
 from ..checkpoint import state_dict_for_saving
+from ..data.readers import Item, expand_shards
 from ..errors import CheckpointError, InputError
 from ..processing import ImageProcessor
-from .data import Collate, Item, ItemDataset, Sample, ShardStream, StepBatchSampler, expand_shards, stream_batches
+from .data import Collate, ItemDataset, Sample, ShardStream, StepBatchSampler, stream_batches
 from .losses import OBJECTIVES, Objectives
 
 STATE_FILE = "checkpoint.pt"

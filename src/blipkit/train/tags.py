@@ -37,9 +37,10 @@ from tqdm import tqdm
 
 from ..blip import Blip
 from ..checkpoint import write_safetensors
+from ..data.readers import Item
 from ..data.scenes import SHAPES, draw_shape
 from ..errors import InputError
-from .data import Item, Sample, _key
+from .data import Sample, _key
 from .loop import Recipe
 from .vocab import words_in
 

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from ..errors import InputError
-from .losses import OBJECTIVES
+from ..train.losses import OBJECTIVES
 
 TRAIN_EXAMPLES = """examples:
   blipkit train --data data/scenes --arch small --out runs/scenes-blip --steps 5000
@@ -158,8 +158,8 @@ def _blip_model(args: argparse.Namespace, data):
     """The BLIP model a run starts from: a new one of `--arch` (vocabulary from the data), or `--model`."""
     import blipkit
 
-    from .model import sample_pixels, scratch_model, whiten_patch_embedding
-    from .vocab import build_tokenizer
+    from ..train.model import sample_pixels, scratch_model, whiten_patch_embedding
+    from ..train.vocab import build_tokenizer
 
     if args.patch_init and not args.arch:
         raise InputError("--patch-init initialises a model trained from scratch: give --arch too")
@@ -184,7 +184,7 @@ def _to_train(args: argparse.Namespace, data, objectives: tuple[str, ...]):
     if args.stage == "blip":
         return _blip_model(args, data)
     if args.stage == "tags":
-        from .tags import read_boxes, read_labels, tags_recipe
+        from ..train.tags import read_boxes, read_labels, tags_recipe
 
         if isinstance(data, str):
             raise InputError("--stage tags reads every caption of an image: give a dataset dir or JSON, not tar "
@@ -198,8 +198,8 @@ def _to_train(args: argparse.Namespace, data, objectives: tuple[str, ...]):
                            boxes=boxes)
     if args.stage == "lm":
         from ..processing import Tokenizer
-        from .lm import LM_ARCHS, build_bpe_tokenizer, lm_recipe, scratch_lm
-        from .loop import STATE_FILE
+        from ..train.lm import LM_ARCHS, build_bpe_tokenizer, lm_recipe, scratch_lm
+        from ..train.loop import STATE_FILE
 
         if isinstance(data, str):
             raise InputError("--stage lm builds its tokenizer from the captions: give a dataset dir or JSON, not tar "
@@ -214,7 +214,7 @@ def _to_train(args: argparse.Namespace, data, objectives: tuple[str, ...]):
             tokenizer = build_bpe_tokenizer([c for it in data for c in it.captions], args.vocab_size or 768,
                                             max_length=LM_ARCHS[arch].positions)
         return lm_recipe(scratch_lm(arch, tokenizer, seed=args.seed), tokenizer, args.text_length or 64)
-    from .blip2_stages import stage1_model, stage1_recipe, stage2_model, stage2_recipe
+    from ..train.blip2_stages import stage1_model, stage1_recipe, stage2_model, stage2_recipe
 
     if args.stage == "qformer1":
         if not args.init_vision:
@@ -226,7 +226,7 @@ def _to_train(args: argparse.Namespace, data, objectives: tuple[str, ...]):
         model = stage1_model(blip, args.qformer_layers, args.num_queries or 8, args.qformer_width, args.text_length,
                              args.qformer_init or "text-encoder", seed=args.seed)
         return stage1_recipe(model, objectives, args.grad_checkpointing)
-    from .lm import load_language_model
+    from ..train.lm import load_language_model
 
     if not args.init:
         raise InputError("--stage qformer2 starts from a stage-1 Q-Former: pass --init DIR, the --out of "
@@ -247,9 +247,9 @@ def run_train(args: argparse.Namespace) -> int:
     """The `train` command."""
     import torch
 
-    from .blip2_losses import STAGE1_OBJECTIVES
-    from .data import captions_only, is_shards, load_items
-    from .loop import TrainConfig, train
+    from ..data.readers import captions_only, is_shards, load_items
+    from ..train.blip2_losses import STAGE1_OBJECTIVES
+    from ..train.loop import TrainConfig, train
 
     if args.dtype not in (None, "float32"):
         raise InputError("training keeps float32 weights; use --amp bf16/fp16 for mixed precision")
@@ -296,7 +296,7 @@ def run_eval(args: argparse.Namespace) -> int:
     """The `eval` command."""
     import blipkit
 
-    from .eval import evaluate, format_metrics
+    from ..train.eval import evaluate, format_metrics
 
     tasks = _list(args.tasks, ("retrieval", "caption", "vqa", "grounding"), "--tasks")
     model = blipkit.load(args.model, device=_device_default(args), dtype=args.dtype)

@@ -1,4 +1,5 @@
-"""The `blipkit` command line: subcommands are contributed by the task and training packages.
+"""The `blipkit` command line: one module per group of commands (`tasks`: match, caption, ask ...; `train`: train,
+eval), each calling the library's public functions.
 
 Each module in `COMMAND_MODULES` has `add_commands(subparsers, common)` which adds its subcommands with
 `parents=[common]` and sets `func(args) -> int` on each. Errors blipkit raises on purpose become one line on
@@ -12,9 +13,9 @@ import importlib
 import os
 import sys
 
-from .errors import BlipkitError
+from ..errors import BlipkitError
 
-COMMAND_MODULES = ("blipkit.tasks.commands", "blipkit.train.commands")
+COMMAND_MODULES = ("blipkit.cli.tasks", "blipkit.cli.train")
 DEFAULT_MODEL = "scenes-blip"
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CapabilityError, InputError
-from .common import PROGRESS_MIN
+from ..tasks.common import PROGRESS_MIN
 
 FORMATTER = argparse.RawDescriptionHelpFormatter
 
@@ -51,7 +51,7 @@ def _load(args: argparse.Namespace):
 
 
 def _images(args: argparse.Namespace) -> list[Path]:
-    from .inputs import image_paths
+    from ..tasks.inputs import image_paths
 
     return image_paths(args.images)
 
@@ -64,7 +64,7 @@ def _one_image(args: argparse.Namespace) -> Path:
 
 
 def _texts(args: argparse.Namespace, what: str = "texts") -> list[str]:
-    from .inputs import read_texts
+    from ..tasks.inputs import read_texts
 
     return read_texts(args.texts, args.texts_file, what)
 
@@ -155,7 +155,7 @@ def _add_batch(p: argparse.ArgumentParser, default: int = 32) -> None:
 
 
 def cmd_match(args: argparse.Namespace) -> int:
-    from .ranking import Collection
+    from ..tasks.ranking import Collection
 
     paths, texts = _images(args), _texts(args)
     _at_least(args, top_k=1, top_n=1)
@@ -176,8 +176,8 @@ def cmd_match(args: argparse.Namespace) -> int:
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
-    from .inputs import read_texts
-    from .zeroshot import DEFAULT_TEMPLATES, classify
+    from ..tasks.inputs import read_texts
+    from ..tasks.zeroshot import DEFAULT_TEMPLATES, classify
 
     paths = _images(args)
     labels = read_texts(args.labels, args.labels_file, "labels")
@@ -192,7 +192,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
 
 
 def cmd_caption(args: argparse.Namespace) -> int:
-    from .common import batched
+    from ..tasks.common import batched
 
     paths = _images(args)
     _at_least(args, beams=1, max_new_tokens=1, min_new_tokens=0, num_captions=1, batch_size=1)
@@ -220,8 +220,8 @@ def cmd_caption(args: argparse.Namespace) -> int:
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
-    from .common import batched
-    from .inputs import read_texts
+    from ..tasks.common import batched
+    from ..tasks.inputs import read_texts
 
     paths = _images(args)
     answers = read_texts(args.answers, args.answers_file, "answers") if args.answers or args.answers_file else None
@@ -243,7 +243,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
 
 def cmd_ground(args: argparse.Namespace) -> int:
-    from .grounding import ground, render_grounding
+    from ..tasks.grounding import ground, render_grounding
 
     path = _one_image(args)
     phrases = _texts(argparse.Namespace(texts=args.phrases + (args.texts or []), texts_file=args.texts_file), "phrases")
@@ -260,7 +260,7 @@ def cmd_ground(args: argparse.Namespace) -> int:
 
 
 def cmd_attention(args: argparse.Namespace) -> int:
-    from .attention import cross_attention_maps, render_attention
+    from ..tasks.attention import cross_attention_maps, render_attention
 
     path = _one_image(args)
     words = args.words + (args.text or [])
@@ -283,7 +283,7 @@ def cmd_attention(args: argparse.Namespace) -> int:
 
 
 def cmd_matrix(args: argparse.Namespace) -> int:
-    from .matrix import render_matrix, score_matrix
+    from ..tasks.matrix import render_matrix, score_matrix
 
     paths, texts = _images(args), _texts(args)
     model = _load(args)
@@ -302,8 +302,8 @@ def cmd_matrix(args: argparse.Namespace) -> int:
 
 
 def cmd_plot_space(args: argparse.Namespace) -> int:
-    from .inputs import image_paths, read_texts
-    from .space import embedding_space, render_space
+    from ..tasks.inputs import image_paths, read_texts
+    from ..tasks.space import embedding_space, render_space
 
     paths = image_paths(args.images) if args.images else []
     texts = read_texts(args.texts, args.texts_file) if args.texts or args.texts_file else []
@@ -320,7 +320,7 @@ def cmd_plot_space(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .facts import format_facts, model_facts
+    from ..tasks.facts import format_facts, model_facts
 
     facts = model_facts(_load(args))
     _emit(args, facts, format_facts(facts, arrays=args.arrays))
