@@ -1,0 +1,195 @@
+"""The local driver of a bulk job: reader -> (skip done keys) -> decode in worker processes -> step -> writer.
+
+A job is three pieces, each usable on its own and by other drivers (e.g. Ray Data's `map_batches`):
+- a reader: any iterable of `readers.Item` (stable `key`, `path`, where the bytes are); `readers.read_sources`;
+- a `Step`: `processor` (the `ImageProcessor` workers preprocess with) and `__call__(batch: list[Decoded]) ->
+  {column: values}`, one value per decoded item (`pixels(batch)` stacks their pixels into a tensor);
+- a `Writer`: `done(keys) -> list[bool]` (what an earlier run already wrote: those items are skipped before any
+  decode or model call), `write(batch, columns, failures)` which commits one batch atomically (a crash loses at
+  most the batch in flight), and `finish() -> dict` (indexes, compaction; extra fields for the summary).
+
+`run_job` streams: items are filtered in chunks, decoded `batch_size` at a time by `workers` processes (at most
+two batches per worker in flight, so memory stays flat however large the collection), and each batch is run
+through the step and committed before the next result is taken, in the reader's order. Progress (images/s, ETA)
+goes to stderr.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import os
+import sys
+import time
+import warnings
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from itertools import islice
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from ..errors import InputError
+from ..processing import ImageProcessor
+from .decode import DEFAULT_MAX_PIXELS, Decoded, Failure, decode_batch
+from .readers import Item
+
+FILTER_CHUNK = 1024  # items checked against the writer's done keys at a time
+
+
+class Step(Protocol):
+    """A batched step: decoded images -> columns (one value per image)."""
+
+    processor: ImageProcessor
+
+    def __call__(self, batch: list[Decoded]) -> dict[str, Any]: ...
+
+
+class Writer(Protocol):
+    """Where results go: knows what is done, commits batches atomically."""
+
+    def done(self, keys: list[str]) -> list[bool]: ...
+
+    def write(self, batch: list[Decoded], columns: dict[str, Any], failures: list[Failure]) -> None: ...
+
+    def finish(self) -> dict[str, Any]: ...
+
+
+@dataclass
+class Summary:
+    """What a job did: items added, skipped (done by an earlier run or named twice), failed (with error records)."""
+
+    added: int = 0
+    skipped: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def images_per_second(self) -> float:
+        """Added and failed items per second of the whole job."""
+        return (self.added + self.failed) / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready fields."""
+        out = asdict(self)
+        out.update(out.pop("extra"), seconds=round(self.seconds, 3), images_per_second=round(self.images_per_second, 2))
+        return out
+
+
+def key_hash(key: str) -> int:
+    """A 64-bit hash of a key (what done-key sets hold: 8 bytes an item instead of the string)."""
+    return int.from_bytes(hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little",
+                          signed=True)
+
+
+def pixels(batch: list[Decoded]) -> torch.Tensor:
+    """The preprocessed pixels of a batch, (N, 3, H, W) float32."""
+    return torch.from_numpy(np.stack([d.pixels for d in batch]))
+
+
+def default_workers() -> int:
+    """Decoding processes by default: all cores but one for the model, at least one, at most four."""
+    return max(1, min(4, (os.cpu_count() or 2) - 1))
+
+
+def _pending(items: Iterable[Item], writer: Writer, summary: Summary, bar) -> Iterator[Item]:
+    """The items not done yet (checked in chunks); each key once per run."""
+    seen: set[int] = set()
+    it = iter(items)
+    while chunk := list(islice(it, FILTER_CHUNK)):
+        done = writer.done([item.key for item in chunk])
+        for item, was_done in zip(chunk, done, strict=True):
+            h = key_hash(item.key)
+            if was_done or h in seen:
+                summary.skipped += 1
+                bar.update(1)
+                continue
+            seen.add(h)
+            yield item
+
+
+def _batches(items: Iterator[Item], size: int) -> Iterator[list[Item]]:
+    while batch := list(islice(items, size)):
+        yield batch
+
+
+def _init_worker() -> None:
+    torch.set_num_threads(1)  # decoding is per-process parallel; the model keeps the machine's threads
+
+
+def _context():
+    """As torch's DataLoader: fork on Linux (fast, and it works whatever `__main__` is), spawn elsewhere."""
+    return multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+
+
+def run_job(
+    items: Iterable[Item],
+    step: Step,
+    writer: Writer,
+    batch_size: int = 32,
+    workers: int | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    progress: bool = True,
+    desc: str = "images",
+) -> Summary:
+    """Run a job over `items` (see the module docstring); returns its Summary.
+
+    Args:
+        batch_size: images per model call and per commit.
+        workers: decoding processes (0 decodes in this process; default: `default_workers()`).
+        max_pixels: images with more pixels are refused as decompression bombs.
+    """
+    from tqdm import tqdm
+
+    if batch_size < 1:
+        raise InputError(f"batch size {batch_size}: use 1 or more")
+    workers = default_workers() if workers is None else workers
+    if workers < 0:
+        raise InputError(f"workers={workers}: use 0 (decode in this process) or more")
+    start = time.perf_counter()
+    summary = Summary()
+    total = items.count() if progress and hasattr(items, "count") else None
+    with tqdm(total=total, desc=desc, unit="img", file=sys.stderr, disable=not progress, smoothing=0.1) as bar:
+        batches = _batches(_pending(items, writer, summary, bar), batch_size)
+        for results in _decoded(batches, step.processor, workers, max_pixels):
+            ok = [r for r in results if isinstance(r, Decoded)]
+            failures = [r for r in results if isinstance(r, Failure)]
+            columns = step(ok) if ok else {}
+            writer.write(ok, columns, failures)
+            summary.added += len(ok)
+            summary.failed += len(failures)
+            bar.update(len(results))
+            bar.set_postfix(added=summary.added, skipped=summary.skipped, failed=summary.failed, refresh=False)
+    summary.extra = writer.finish()
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _decoded(batches: Iterator[list[Item]], processor: ImageProcessor, workers: int, max_pixels: int
+             ) -> Iterator[list[Decoded | Failure]]:
+    """Decoded batches in order; with workers, up to two batches per worker are decoded ahead of the step."""
+    if workers == 0:
+        for batch in batches:
+            yield decode_batch(batch, processor, max_pixels)
+        return
+    first = next(batches, None)
+    if first is None:
+        return  # nothing to do: no process is started
+    pool = ProcessPoolExecutor(workers, mp_context=_context(), initializer=_init_worker)
+    try:
+        with warnings.catch_warnings():
+            # LanceDB warns at every fork; the workers only decode images and never touch a table
+            warnings.filterwarnings("ignore", message=".*(lance|lancedb).*fork", category=Warning)
+            ahead: deque[Future] = deque([pool.submit(decode_batch, first, processor, max_pixels)])
+        for batch in batches:
+            ahead.append(pool.submit(decode_batch, batch, processor, max_pixels))
+            if len(ahead) >= 2 * workers:
+                yield ahead.popleft().result()
+        while ahead:
+            yield ahead.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,265 @@
+"""The LanceDB side: a database directory, the image table and its sibling errors table, commits, ANN indexes.
+
+Every `write` is one `Table.add`, one atomic Lance version: a process killed at any moment leaves the table at the
+last committed batch. Keys of both tables are read once when the job starts (as 64-bit hashes, 8 bytes a row) so
+done items are skipped without touching their files. Errors go first, then results: a crash between the two leaves
+the failed keys recorded and the good ones to redo, never a row twice. A file edited since it was indexed has a new
+key: its old row is deleted before the new one is added (a crash between loses the row until the rerun adds it).
+
+The model that built the table (name, fingerprint) and the columns' settings live in the schema metadata under
+`blipkit`; opening the table with another model is an error, as are column settings the table does not have.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import InputError
+from .decode import Decoded, Failure
+from .engine import key_hash
+
+META_KEY = b"blipkit"
+ANN_MIN_ROWS = 100_000  # `ann="auto"` indexes from this many rows on; below, exact search is fast enough
+ANN_TYPES = {"ivf_pq": "IVF_PQ", "hnsw": "IVF_HNSW_SQ"}
+ANN_CHOICES = ("auto", "none", *ANN_TYPES)
+
+
+def _lancedb():
+    try:
+        import lancedb
+    except ImportError:
+        raise InputError("collections need lancedb: pip install 'blipkit[index]'") from None
+    return lancedb
+
+
+def connect(db: str | Path, write: bool):
+    """The LanceDB connection of a database directory, checked: created for writing, must exist for reading."""
+    path = Path(db).expanduser()
+    if write:
+        if path.exists() and not path.is_dir():
+            raise InputError(f"database '{db}' is a file, not a directory: pass a directory for --db")
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise InputError(f"cannot create database directory '{db}' ({e.strerror or e})") from None
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise InputError(f"database '{db}' is read-only: pass a writable --db directory")
+    elif not path.is_dir():
+        raise InputError(f"no database at '{db}': build one with `blipkit index SOURCES --db {db}`")
+    return _lancedb().connect(str(path))
+
+
+def table_names(conn) -> list[str]:
+    """Tables of a database."""
+    result = conn.list_tables()
+    return list(getattr(result, "tables", result))
+
+
+def open_table(conn, db: str | Path, name: str):
+    """An existing table, or a clear error naming the tables there are."""
+    names = table_names(conn)
+    if name not in names:
+        have = ", ".join(n for n in names if not n.endswith("_errors")) or "none"
+        raise InputError(f"database '{db}' has no table '{name}' (tables: {have}); index images into it first")
+    return conn.open_table(name)
+
+
+def settings_of(table) -> dict[str, Any]:
+    """The blipkit settings stored with a table (model, fingerprint, columns)."""
+    meta = table.schema.metadata or {}
+    if META_KEY not in meta:
+        raise InputError(f"table '{table.name}' was not written by blipkit (no '{META_KEY.decode()}' metadata)")
+    return json.loads(meta[META_KEY])
+
+
+def check_same_model(table, settings: dict[str, Any], db: str | Path) -> dict[str, Any]:
+    """The table's settings, after checking they were made by the same model; InputError naming both otherwise."""
+    stored = settings_of(table)
+    if stored["fingerprint"] != settings["fingerprint"]:
+        raise InputError(
+            f"table '{table.name}' in '{db}' was built with model '{stored['model']}' (fingerprint "
+            f"{stored['fingerprint']}), not '{settings['model']}' ({settings['fingerprint']}): pass --model "
+            f"{stored['model']}, or use another --table"
+        )
+    return stored
+
+
+def schema(settings: dict[str, Any]):
+    """The Arrow schema of an image table with these settings (metadata included)."""
+    import pyarrow as pa
+
+    d = settings["dim"]
+    fields = [pa.field("key", pa.string(), nullable=False), pa.field("path", pa.string(), nullable=False),
+              pa.field("width", pa.int32()), pa.field("height", pa.int32()), pa.field("text", pa.string()),
+              pa.field("embedding", pa.list_(pa.float32(), d))]
+    if settings["queries"]:
+        fields.append(pa.field("queries", pa.list_(pa.list_(pa.float32(), d))))
+    if settings["features"]:
+        fields.append(pa.field("features", pa.list_(pa.float16(), int(np.prod(settings["features"])))))
+    if settings["caption"]:
+        fields.append(pa.field("caption", pa.string()))
+    if settings["labels"]:
+        fields += [pa.field("label", pa.string()), pa.field("label_scores", pa.list_(pa.float32(),
+                                                                                     len(settings["labels"])))]
+    meta = dict(settings, created=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    return pa.schema(fields, metadata={META_KEY: json.dumps(meta).encode()})
+
+
+def errors_schema():
+    """The Arrow schema of the errors table: one row per item that failed, with the reason."""
+    import pyarrow as pa
+
+    return pa.schema([pa.field("key", pa.string(), nullable=False), pa.field("path", pa.string(), nullable=False),
+                      pa.field("reason", pa.string()), pa.field("time", pa.timestamp("s"))])
+
+
+def _fixed(values: np.ndarray, type_):
+    import pyarrow as pa
+
+    values = np.ascontiguousarray(values)
+    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), type_.list_size)
+
+
+def _hashes(table, column: str = "key") -> np.ndarray:
+    """Sorted 64-bit hashes of a string column of a table, read batch by batch."""
+    out = [np.array([key_hash(k) for k in b.column(0).to_pylist()], dtype=np.int64)
+           for b in table.to_lance().to_batches(columns=[column], batch_size=65536)]
+    return np.sort(np.concatenate(out)) if out else np.zeros(0, dtype=np.int64)
+
+
+def _contains(sorted_hashes: np.ndarray, hashes: np.ndarray) -> np.ndarray:
+    if len(sorted_hashes) == 0:
+        return np.zeros(len(hashes), dtype=bool)
+    at = np.searchsorted(sorted_hashes, hashes).clip(max=len(sorted_hashes) - 1)
+    return sorted_hashes[at] == hashes
+
+
+class TableWriter:
+    """Writes a job's batches to `table` (created with `settings` when new) and its failures to `table_errors`."""
+
+    def __init__(self, db: str | Path, table: str, settings: dict[str, Any], ann: str = "auto") -> None:
+        if ann not in ANN_CHOICES:
+            raise InputError(f"ann={ann!r}: use one of {', '.join(ANN_CHOICES)}")
+        self.db, self.name, self.ann = db, table, ann
+        self.conn = connect(db, write=True)
+        names = table_names(self.conn)
+        if table in names:
+            self.table = self.conn.open_table(table)
+            stored = check_same_model(self.table, settings, db)
+            self.settings = _merge_settings(stored, settings, table)
+        else:
+            self.settings = settings
+            self.table = self.conn.create_table(table, schema=schema(settings))
+        self.schema = self.table.schema
+        self.errors = self.conn.open_table(f"{table}_errors") if f"{table}_errors" in names else None
+        self.done_keys = _hashes(self.table)
+        self.failed_keys = _hashes(self.errors) if self.errors is not None else np.zeros(0, dtype=np.int64)
+        self.paths = _hashes(self.table, "path")
+
+    def done(self, keys: list[str]) -> list[bool]:
+        """Whether each key is in the table or the errors table already."""
+        h = np.array([key_hash(k) for k in keys], dtype=np.int64)
+        return (_contains(self.done_keys, h) | _contains(self.failed_keys, h)).tolist()
+
+    def write(self, batch: list[Decoded], columns: dict[str, Any], failures: list[Failure]) -> None:
+        """Commit one batch: its failures to the errors table, then its rows (each one atomic Lance version)."""
+        import pyarrow as pa
+
+        if failures:
+            rows = pa.table({"key": [f.item.key for f in failures], "path": [f.item.path for f in failures],
+                             "reason": [f.reason for f in failures],
+                             "time": pa.array([int(time.time())] * len(failures), pa.timestamp("s"))},
+                            schema=errors_schema())
+            if self.errors is None:
+                self.errors = self.conn.create_table(f"{self.name}_errors", data=rows)
+            else:
+                self.errors.add(rows)
+        if not batch:
+            return
+        paths = [d.item.path for d in batch]
+        stale = _contains(self.paths, np.array([key_hash(p) for p in paths], dtype=np.int64))
+        if stale.any():  # edited files: their earlier rows go first
+            self.table.delete("path IN (" + ", ".join(_sql_str(p) for p, s in zip(paths, stale, strict=True)
+                                                        if s) + ")")
+        self.table.add(self._arrow(batch, columns))
+
+    def _arrow(self, batch: list[Decoded], columns: dict[str, Any]):
+        import pyarrow as pa
+
+        data: dict[str, Any] = {
+            "key": [d.item.key for d in batch], "path": [d.item.path for d in batch],
+            "width": [d.width for d in batch], "height": [d.height for d in batch],
+            "text": [d.item.text for d in batch],
+        }
+        for f in self.schema:
+            if f.name in data:
+                continue
+            if f.name not in columns:
+                raise InputError(f"table '{self.name}' has a column '{f.name}' that this job does not compute")
+            value = columns[f.name]
+            if pa.types.is_fixed_size_list(f.type):
+                data[f.name] = _fixed(np.asarray(value, dtype=f.type.value_type.to_pandas_dtype()), f.type)
+            elif pa.types.is_list(f.type):  # multivector: (N, Q, D)
+                inner = _fixed(np.asarray(value, dtype=np.float32), f.type.value_type)
+                q = np.asarray(value).shape[1]
+                data[f.name] = pa.ListArray.from_arrays(pa.array(np.arange(len(batch) + 1, dtype=np.int32) * q), inner)
+            else:
+                data[f.name] = pa.array(value, f.type)
+        return pa.table(data, schema=self.schema)
+
+    def finish(self) -> dict[str, Any]:
+        """Compact the batch fragments, build or update the ANN index; the table's size for the summary."""
+        rows = self.table.count_rows()
+        if self.table.version > 2:
+            self.table.optimize()
+        index = ensure_index(self.table, self.settings, self.ann)
+        return {"rows": rows, "errors": self.errors.count_rows() if self.errors is not None else 0,
+                "ann": index, "version": self.table.version}
+
+
+def _sql_str(s: str) -> str:
+    return "'" + s.replace("'", "''") + "'"
+
+
+def _merge_settings(stored: dict[str, Any], wanted: dict[str, Any], table: str) -> dict[str, Any]:
+    """The table's own column settings; asking for columns it lacks is an error (they would be missing for old rows)."""
+    for name, flag in (("features", "--features"), ("caption", "--caption")):
+        if wanted[name] and not stored[name]:
+            raise InputError(f"table '{table}' was built without {flag}: index into a new --table to have {name}")
+    if wanted["labels"] and wanted["labels"] != stored["labels"]:
+        raise InputError(f"table '{table}' has labels {stored['labels'] or 'none'}, not {wanted['labels']}: "
+                         "use the same --labels or another --table")
+    return stored
+
+
+def vector_column(settings: dict[str, Any]) -> str:
+    """The column searched for text queries: BLIP-2's query vectors, else the embedding."""
+    return "queries" if settings["queries"] else "embedding"
+
+
+def ensure_index(table, settings: dict[str, Any], ann: str) -> str | None:
+    """Build the ANN index when asked (or, with "auto", once the table is large enough); fold in new rows after."""
+    column = vector_column(settings)
+    existing = [i for i in table.list_indices() if column in i.columns]
+    rows = table.count_rows()
+    if ann == "none" or (ann == "auto" and not existing and rows < ANN_MIN_ROWS):
+        return existing[0].index_type if existing else None
+    if existing and ann in ("auto", existing[0].index_type.lower()):
+        return existing[0].index_type  # new rows were folded in by optimize()
+    kind = ANN_TYPES.get(ann, "IVF_PQ")
+    partitions = max(1, min(4096, int(np.sqrt(rows))))
+    if rows < 256 * 2:
+        raise InputError(f"an ANN index needs a few hundred rows at least; table '{table.name}' has {rows}: "
+                         "use --ann none (exact search) until it grows")
+    params: dict[str, Any] = {"metric": "cosine", "vector_column_name": column, "index_type": kind,
+                              "num_partitions": partitions, "replace": True}
+    if kind == "IVF_PQ":
+        params["num_sub_vectors"] = max(1, settings["dim"] // 8)
+    table.create_index(**params)
+    return kind
