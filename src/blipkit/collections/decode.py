@@ -48,7 +48,7 @@ def decode(item: Item, processor: ImageProcessor, max_pixels: int = DEFAULT_MAX_
         return Failure(item, f"unreadable: {e.strerror or e}")
     if not data:
         return Failure(item, "empty file (0 bytes)")
-    Image.MAX_IMAGE_PIXELS = max_pixels // 2  # Pillow errors at twice its limit and only warns between
+    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, max_pixels  # Pillow warns above it: an error here
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -61,6 +61,8 @@ def decode(item: Item, processor: ImageProcessor, max_pixels: int = DEFAULT_MAX_
         return Failure(item, "not an image Pillow can read")
     except Exception as e:  # Pillow raises many types (OSError, SyntaxError, ValueError, struct.error ...) on bad data
         return Failure(item, f"cannot decode: {_reason(e)}")
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
     try:
         pixels = processor(image)[0].numpy()
     except Exception as e:  # e.g. an image too small to resize

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..base import BlipBase
+from ..errors import InputError
 from ..tasks.zeroshot import DEFAULT_TEMPLATES
 from . import store
 from .decode import DEFAULT_MAX_PIXELS
@@ -44,8 +45,6 @@ class Index:
                  templates: Sequence[str] = DEFAULT_TEMPLATES, ann: str = "auto", device: str | None = None,
                  dtype: str | None = None) -> None:
         if ann not in store.ANN_CHOICES:
-            from ..errors import InputError
-
             raise InputError(f"ann={ann!r}: use one of {', '.join(store.ANN_CHOICES)}")
         self.db, self.name, self.ann = db, table, ann
         self.options = {"features": features, "caption": caption, "labels": list(labels or []),
@@ -61,8 +60,7 @@ class Index:
         path = Path(self.db).expanduser()
         if not path.is_dir():
             return None
-        conn = store.connect(path, write=False)
-        return store.settings_of(conn.open_table(self.name)) if self.name in store.table_names(conn) else None
+        return store.settings_of(store.open_table(path, self.name)) if self.name in store.table_names(path) else None
 
     @property
     def model(self) -> BlipBase:
@@ -80,8 +78,7 @@ class Index:
     def _read(self):
         """(table, settings) for searching: the table must exist and match the model."""
         if self._table is None:
-            conn = store.connect(self.db, write=False)
-            self._table = store.open_table(conn, self.db, self.name)
+            self._table = store.open_table(store.connect(self.db, write=False), self.name)
         settings = EmbedStep(self.model).settings()
         return self._table, store.check_same_model(self._table, settings, self.db)
 
@@ -95,6 +92,9 @@ class Index:
         tables (see `blipkit.collections.readers`). Bad images become rows of the errors table; the job goes on.
         """
         items = read_sources(sources, recursive, path_column, text_column)
+        if next(iter(items), None) is None:
+            raise InputError(f"sources {' '.join(map(str, items.specs))} hold no images"
+                             + ("" if recursive else " (pass recursive=True / --recursive for subfolders)"))
         step = EmbedStep(self.model, **self.options)
         writer = store.TableWriter(self.db, self.name, step.settings(), self.ann)
         stored = writer.settings  # an existing table keeps its columns: compute those
@@ -121,19 +121,16 @@ class Index:
         """Rows in the table (0 before the first add)."""
         if self._stored() is None:
             return 0
-        conn = store.connect(self.db, write=False)
-        return conn.open_table(self.name).count_rows()
+        return store.open_table(store.connect(self.db, write=False), self.name).count_rows()
 
     def to_arrow(self, columns: Sequence[str] | None = None):
         """The table (or some of its columns) as a pyarrow Table."""
-        conn = store.connect(self.db, write=False)
-        table = store.open_table(conn, self.db, self.name)
-        return table.to_lance().to_table(columns=list(columns) if columns else None)
+        table = store.open_table(store.connect(self.db, write=False), self.name)
+        return table.to_table(columns=list(columns) if columns else None)
 
     def errors(self):
         """The error records (key, path, reason, time) as a pyarrow Table (empty when nothing failed)."""
-        conn = store.connect(self.db, write=False)
-        name = f"{self.name}_errors"
-        if name not in store.table_names(conn):
+        db, name = store.connect(self.db, write=False), f"{self.name}_errors"
+        if name not in store.table_names(db):
             return store.errors_schema().empty_table()
-        return conn.open_table(name).to_arrow()
+        return store.open_table(db, name).to_table()

@@ -195,10 +195,10 @@ def _tar_items(shard: str) -> Iterator[Item]:
 
 
 def _lance_items(source: str) -> Iterator[Item]:
-    import lance
+    from .store import lance_module
 
     try:
-        ds = lance.dataset(source)
+        ds = lance_module().dataset(source)
     except Exception as e:  # lance raises its own error types for a directory that is not a table
         raise InputError(f"cannot open table '{source}' ({e}): pass a NAME.lance directory blipkit wrote") from None
     names = ds.schema.names

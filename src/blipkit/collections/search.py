@@ -29,21 +29,19 @@ DEFAULT_RERANK = 32
 RERANK_BATCH = 32
 
 
-def _first_stage(table, settings: dict[str, Any], column: str, query: np.ndarray, n: int, where: str | None,
-                 extra: tuple[str, ...] = (), nprobes: int | None = None, refine_factor: int | None = None):
+def _first_stage(table, column: str, query: np.ndarray, n: int, where: str | None, extra: tuple[str, ...] = (),
+                 nprobes: int | None = None, refine_factor: int | None = None):
     """The `n` nearest rows by cosine (ANN when the column is indexed), with the shown columns and `extra`."""
     names = table.schema.names
-    q = table.search(query, vector_column_name=column).metric("cosine").limit(n)
-    q = q.select([c for c in (*SHOWN, *extra) if c in names])
-    if where:
-        q = q.where(where, prefilter=True)
+    nearest: dict[str, Any] = {"column": column, "q": query, "k": n, "metric": "cosine"}
     if nprobes is not None:
-        q = q.nprobes(nprobes)
+        nearest["nprobes"] = nprobes
     if refine_factor is not None:
-        q = q.refine_factor(refine_factor)
+        nearest["refine_factor"] = refine_factor
     try:
-        return q.to_arrow()
-    except Exception as e:  # lance reports a bad filter as a generic runtime error
+        return table.to_table(columns=[c for c in (*SHOWN, *extra) if c in names], nearest=nearest, filter=where,
+                              prefilter=True)
+    except Exception as e:  # lance reports a bad filter as a generic error
         if where:
             raise InputError(f"--where {where!r} is not a filter this table can run ({str(e).splitlines()[0]}); "
                              f"columns: {', '.join(names)}") from None
@@ -76,7 +74,7 @@ def search_text(model: BlipBase, table, settings: dict[str, Any], text: str, k: 
     query = encode_texts(model, [text])[0].cpu().numpy()
     column = "queries" if settings["queries"] else "embedding"
     extra = ("features",) if rerank and settings["features"] else ()
-    rows = _first_stage(table, settings, column, query, max(k, rerank), where, extra, **ann)
+    rows = _first_stage(table, column, query, max(k, rerank), where, extra, **ann)
     itc = 1.0 - rows.column("_distance").to_numpy()  # one query vector: MaxSim distance is 1 - the best cosine
     hits = _hits(rows, itc)
     if not rerank or not hits:
@@ -121,9 +119,9 @@ def search_image(model: BlipBase, table, settings: dict[str, Any], image: Any, k
     check_k(k, 0)
     emb = model.encode_images(model.pixels(image)).float()[0].cpu().numpy()  # (D,) or (Q, D)
     if emb.ndim == 2:
-        rows = _first_stage(table, settings, "queries", emb, k, where, **ann)
+        rows = _first_stage(table, "queries", emb, k, where, **ann)
         itc = 1.0 - rows.column("_distance").to_numpy() / len(emb)  # MaxSim distance sums Q of (1 - best cosine)
     else:
-        rows = _first_stage(table, settings, "embedding", emb, k, where, **ann)
+        rows = _first_stage(table, "embedding", emb, k, where, **ann)
         itc = 1.0 - rows.column("_distance").to_numpy()
     return _hits(rows, itc)

@@ -26,20 +26,23 @@ from .engine import key_hash
 
 META_KEY = b"blipkit"
 ANN_MIN_ROWS = 100_000  # `ann="auto"` indexes from this many rows on; below, exact search is fast enough
+ANN_MIN_TRAIN = 512  # fewer rows cannot train the product quantiser's 256 centroids per sub-vector
 ANN_TYPES = {"ivf_pq": "IVF_PQ", "hnsw": "IVF_HNSW_SQ"}
 ANN_CHOICES = ("auto", "none", *ANN_TYPES)
 
 
-def _lancedb():
+def lance_module():
+    """The `lance` module (pylance), imported on first use; a clear error when it is not installed."""
+    os.environ.setdefault("LANCE_LOG", "error")  # Lance's notices ("creating a new dataset") are not for users
     try:
-        import lancedb
+        import lance
     except ImportError:
-        raise InputError("collections need lancedb: pip install 'blipkit[index]'") from None
-    return lancedb
+        raise InputError("collections need pylance: pip install 'blipkit[index]'") from None
+    return lance
 
 
-def connect(db: str | Path, write: bool):
-    """The LanceDB connection of a database directory, checked: created for writing, must exist for reading."""
+def connect(db: str | Path, write: bool) -> Path:
+    """A database directory, checked: created for writing, must exist for reading."""
     path = Path(db).expanduser()
     if write:
         if path.exists() and not path.is_dir():
@@ -52,29 +55,32 @@ def connect(db: str | Path, write: bool):
             raise InputError(f"database '{db}' is read-only: pass a writable --db directory")
     elif not path.is_dir():
         raise InputError(f"no database at '{db}': build one with `blipkit index SOURCES --db {db}`")
-    return _lancedb().connect(str(path))
+    return path
 
 
-def table_names(conn) -> list[str]:
-    """Tables of a database."""
-    result = conn.list_tables()
-    return list(getattr(result, "tables", result))
+def table_names(db: Path) -> list[str]:
+    """Tables of a database directory (LanceDB's layout: one NAME.lance directory each)."""
+    return sorted(p.name[: -len(".lance")] for p in db.glob("*.lance") if p.is_dir())
 
 
-def open_table(conn, db: str | Path, name: str):
-    """An existing table, or a clear error naming the tables there are."""
-    names = table_names(conn)
-    if name not in names:
-        have = ", ".join(n for n in names if not n.endswith("_errors")) or "none"
+def table_uri(db: Path, name: str) -> str:
+    """Where table `name` lives in database `db`."""
+    return str(db / f"{name}.lance")
+
+
+def open_table(db: Path, name: str):
+    """An existing table as a Lance dataset, or a clear error naming the tables there are."""
+    if name not in table_names(db):
+        have = ", ".join(n for n in table_names(db) if not n.endswith("_errors")) or "none"
         raise InputError(f"database '{db}' has no table '{name}' (tables: {have}); index images into it first")
-    return conn.open_table(name)
+    return lance_module().dataset(table_uri(db, name))
 
 
 def settings_of(table) -> dict[str, Any]:
     """The blipkit settings stored with a table (model, fingerprint, columns)."""
     meta = table.schema.metadata or {}
     if META_KEY not in meta:
-        raise InputError(f"table '{table.name}' was not written by blipkit (no '{META_KEY.decode()}' metadata)")
+        raise InputError(f"table '{table.uri}' was not written by blipkit (no '{META_KEY.decode()}' metadata)")
     return json.loads(meta[META_KEY])
 
 
@@ -83,7 +89,7 @@ def check_same_model(table, settings: dict[str, Any], db: str | Path) -> dict[st
     stored = settings_of(table)
     if stored["fingerprint"] != settings["fingerprint"]:
         raise InputError(
-            f"table '{table.name}' in '{db}' was built with model '{stored['model']}' (fingerprint "
+            f"table '{Path(table.uri).stem}' in '{db}' was built with model '{stored['model']}' (fingerprint "
             f"{stored['fingerprint']}), not '{settings['model']}' ({settings['fingerprint']}): pass --model "
             f"{stored['model']}, or use another --table"
         )
@@ -129,7 +135,7 @@ def _fixed(values: np.ndarray, type_):
 def _hashes(table, column: str = "key") -> np.ndarray:
     """Sorted 64-bit hashes of a string column of a table, read batch by batch."""
     out = [np.array([key_hash(k) for k in b.column(0).to_pylist()], dtype=np.int64)
-           for b in table.to_lance().to_batches(columns=[column], batch_size=65536)]
+           for b in table.to_batches(columns=[column], batch_size=65536)]
     return np.sort(np.concatenate(out)) if out else np.zeros(0, dtype=np.int64)
 
 
@@ -146,18 +152,20 @@ class TableWriter:
     def __init__(self, db: str | Path, table: str, settings: dict[str, Any], ann: str = "auto") -> None:
         if ann not in ANN_CHOICES:
             raise InputError(f"ann={ann!r}: use one of {', '.join(ANN_CHOICES)}")
-        self.db, self.name, self.ann = db, table, ann
-        self.conn = connect(db, write=True)
-        names = table_names(self.conn)
+        self.name, self.ann = table, ann
+        self.db = connect(db, write=True)
+        self.lance = lance_module()
+        names = table_names(self.db)
         if table in names:
-            self.table = self.conn.open_table(table)
+            self.table = open_table(self.db, table)
             stored = check_same_model(self.table, settings, db)
             self.settings = _merge_settings(stored, settings, table)
         else:
             self.settings = settings
-            self.table = self.conn.create_table(table, schema=schema(settings))
+            empty = schema(settings).empty_table()
+            self.table = self.lance.write_dataset(empty, table_uri(self.db, table), schema=empty.schema, mode="create")
         self.schema = self.table.schema
-        self.errors = self.conn.open_table(f"{table}_errors") if f"{table}_errors" in names else None
+        self.errors = open_table(self.db, f"{table}_errors") if f"{table}_errors" in names else None
         self.done_keys = _hashes(self.table)
         self.failed_keys = _hashes(self.errors) if self.errors is not None else np.zeros(0, dtype=np.int64)
         self.paths = _hashes(self.table, "path")
@@ -176,10 +184,8 @@ class TableWriter:
                              "reason": [f.reason for f in failures],
                              "time": pa.array([int(time.time())] * len(failures), pa.timestamp("s"))},
                             schema=errors_schema())
-            if self.errors is None:
-                self.errors = self.conn.create_table(f"{self.name}_errors", data=rows)
-            else:
-                self.errors.add(rows)
+            mode = "create" if self.errors is None else "append"
+            self.errors = self.lance.write_dataset(rows, table_uri(self.db, f"{self.name}_errors"), mode=mode)
         if not batch:
             return
         paths = [d.item.path for d in batch]
@@ -187,7 +193,7 @@ class TableWriter:
         if stale.any():  # edited files: their earlier rows go first
             self.table.delete("path IN (" + ", ".join(_sql_str(p) for p, s in zip(paths, stale, strict=True)
                                                         if s) + ")")
-        self.table.add(self._arrow(batch, columns))
+        self.table = self.lance.write_dataset(self._arrow(batch, columns), self.table.uri, mode="append")
 
     def _arrow(self, batch: list[Decoded], columns: dict[str, Any]):
         import pyarrow as pa
@@ -216,9 +222,10 @@ class TableWriter:
     def finish(self) -> dict[str, Any]:
         """Compact the batch fragments, build or update the ANN index; the table's size for the summary."""
         rows = self.table.count_rows()
-        if self.table.version > 2:
-            self.table.optimize()
+        if len(self.table.get_fragments()) > 1:
+            self.table.optimize.compact_files()  # one fragment per batch would slow every scan down
         index = ensure_index(self.table, self.settings, self.ann)
+        self.table = self.lance.dataset(self.table.uri)
         return {"rows": rows, "errors": self.errors.count_rows() if self.errors is not None else 0,
                 "ann": index, "version": self.table.version}
 
@@ -243,23 +250,28 @@ def vector_column(settings: dict[str, Any]) -> str:
     return "queries" if settings["queries"] else "embedding"
 
 
+def vector_indices(table, column: str) -> list[str]:
+    """Index types (e.g. "IVF_PQ") of the vector indexes on `column`."""
+    return [str(i.get("type", "?")) for i in table.list_indices() if column in i.get("fields", [])]
+
+
 def ensure_index(table, settings: dict[str, Any], ann: str) -> str | None:
-    """Build the ANN index when asked (or, with "auto", once the table is large enough); fold in new rows after."""
+    """Build the ANN index when asked (or, with "auto", once the table is large enough); fold new rows in after."""
     column = vector_column(settings)
-    existing = [i for i in table.list_indices() if column in i.columns]
+    existing = vector_indices(table, column)
     rows = table.count_rows()
     if ann == "none" or (ann == "auto" and not existing and rows < ANN_MIN_ROWS):
-        return existing[0].index_type if existing else None
-    if existing and ann in ("auto", existing[0].index_type.lower()):
-        return existing[0].index_type  # new rows were folded in by optimize()
+        return existing[0] if existing else None
+    if existing and ann in ("auto", next((k for k, v in ANN_TYPES.items() if v == existing[0]), None)):
+        table.optimize.optimize_indices()  # new rows join the index (searched exactly until then)
+        return existing[0]
+    if rows < ANN_MIN_TRAIN:
+        raise InputError(f"an ANN index needs {ANN_MIN_TRAIN} rows at least; table '{Path(table.uri).stem}' has "
+                         f"{rows}: use --ann none (exact search) until it grows")
     kind = ANN_TYPES.get(ann, "IVF_PQ")
-    partitions = max(1, min(4096, int(np.sqrt(rows))))
-    if rows < 256 * 2:
-        raise InputError(f"an ANN index needs a few hundred rows at least; table '{table.name}' has {rows}: "
-                         "use --ann none (exact search) until it grows")
-    params: dict[str, Any] = {"metric": "cosine", "vector_column_name": column, "index_type": kind,
-                              "num_partitions": partitions, "replace": True}
+    params: dict[str, Any] = {"metric": "cosine", "num_partitions": max(1, min(4096, int(np.sqrt(rows)))),
+                              "replace": True}
     if kind == "IVF_PQ":
         params["num_sub_vectors"] = max(1, settings["dim"] // 8)
-    table.create_index(**params)
+    table.create_index(column, kind, **params)
     return kind
