@@ -18,7 +18,8 @@ from .errors import BlipkitError, CapabilityError, CheckpointError, InputError
 if TYPE_CHECKING:
     from .base import BlipBase
 
-__all__ = ["load", "create", "save", "list_models", "BlipkitError", "CheckpointError", "InputError", "CapabilityError"]
+__all__ = ["load", "create", "save", "list_models", "Index", "BlipkitError", "CheckpointError", "InputError",
+           "CapabilityError"]
 __version__ = "0.1.0"
 
 MODELS_DIR = Path(__file__).parent / "models"
@@ -140,3 +141,12 @@ def save(model: BlipBase, directory: str | Path) -> Path:
     if model.processor is not None:
         (directory / "preprocessor_config.json").write_text(json.dumps(model.processor.to_hf(), indent=2))
     return directory
+
+
+def __getattr__(name: str):
+    """`blipkit.Index` is imported on first use, so `import blipkit` stays light (no Lance, no pyarrow)."""
+    if name == "Index":
+        from .collections.index import Index
+
+        return Index
+    raise AttributeError(f"module 'blipkit' has no attribute '{name}'")
