@@ -15,7 +15,7 @@ import sys
 
 from ..errors import BlipkitError
 
-COMMAND_MODULES = ("blipkit.cli.tasks", "blipkit.cli.train", "blipkit.cli.collections")
+COMMAND_MODULES = ("blipkit.cli.tasks", "blipkit.cli.train", "blipkit.cli.collections", "blipkit.cli.serve")
 DEFAULT_MODEL = "scenes-blip"
 
 
