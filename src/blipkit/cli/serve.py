@@ -1,4 +1,4 @@
-"""`blipkit serve`: the HTTP API and web page of `blipkit.serve` under uvicorn (needs `pip install 'blipkit[serve]'`)."""
+"""`blipkit serve`: the HTTP API and web page of `blipkit.serve` under uvicorn (`pip install 'blipkit[serve]'`)."""
 
 from __future__ import annotations
 

@@ -20,6 +20,7 @@ from fastapi import HTTPException, Request
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException
 from starlette.responses import JSONResponse
 
@@ -200,9 +201,13 @@ def _list_fields(options: type[BaseModel]) -> set[str]:
 async def _form(request: Request, options: type[BaseModel], limits: Limits) -> tuple[list[tuple[str, bytes]], dict]:
     try:
         form = await request.form(max_files=limits.max_images, max_fields=4 * limits.max_texts + 64)
-    except MultiPartException as e:
-        raise ApiError(422 if "Too many" in e.message else 400, f"multipart body: {e.message}",
-                       "image" if "files" in e.message else None) from None
+    except (MultiPartException, StarletteHTTPException) as e:  # Starlette raises the latter for the former
+        if isinstance(e, ApiError):
+            raise
+        message = getattr(e, "message", None) or str(getattr(e, "detail", e))
+        if "Too many files" in message:
+            raise ApiError(422, f"too many images: at most {limits.max_images} per request", "image") from None
+        raise ApiError(422 if "Too many" in message else 400, f"multipart body: {message}") from None
     images = []
     for i, value in enumerate(form.getlist("image")):
         if isinstance(value, str):  # a text field named image: never taken for a path
