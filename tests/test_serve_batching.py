@@ -1,0 +1,171 @@
+"""Request batching: the Batcher on its own, and many simultaneous requests whose results equal unbatched calls."""
+
+from __future__ import annotations
+
+import re
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("httpx")
+
+from fastapi.testclient import TestClient  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from PIL import Image  # noqa: E402
+
+import blipkit  # noqa: E402
+from blipkit.errors import InputError  # noqa: E402
+from blipkit.serve import Batcher, create_app  # noqa: E402
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+IMAGES = sorted(EXAMPLES.glob("*.png"))
+TEXTS = ["a red circle left of a blue square", "a green triangle", "a yellow star", "a purple square",
+         "two blue circles", "a yellow circle right of a purple square"]
+
+
+def gather(batcher: Batcher, kind: str, items: list, run, key=lambda item: ()) -> list:
+    """Submit every item at once (from as many threads) and wait for all the results."""
+    futures = [batcher.submit_future(kind, item, run, key(item)) for item in items]
+    return [f.result(timeout=30) for f in futures]
+
+
+@settings(max_examples=20, deadline=None)
+@given(n=st.integers(1, 40), max_batch=st.integers(1, 8), keys=st.integers(1, 3))
+def test_batches_respect_the_size_and_the_key_and_results_go_back(n, max_batch, keys):
+    seen: list[list[int]] = []
+
+    def run(items: list[int]) -> list[int]:
+        seen.append(items)
+        return [i * 10 for i in items]
+
+    batcher = Batcher(max_batch=max_batch, max_wait_ms=20)
+    try:
+        assert gather(batcher, "k", list(range(n)), run, key=lambda i: i % keys) == [i * 10 for i in range(n)]
+    finally:
+        batcher.close()
+    assert sorted(i for batch in seen for i in batch) == list(range(n))
+    assert all(1 <= len(b) <= max_batch for b in seen)
+    assert all(len({i % keys for i in b}) == 1 for b in seen)  # one key per batch
+    if max_batch > 1 and n >= 2 * keys * max_batch:
+        assert max(len(b) for b in seen) > 1  # queued together, they ran together
+
+
+def test_a_bad_item_gets_its_own_error_and_the_others_their_results():
+    calls: list[int] = []
+    sizes: list[int] = []
+
+    def run(items: list[int]) -> list[int]:
+        calls.append(len(items))
+        if 3 in items:
+            raise InputError("item 3 is bad")
+        return [-i for i in items]
+
+    batcher = Batcher(max_batch=8, max_wait_ms=50, on_batch=lambda kind, size, s: sizes.append(size))
+    futures = [batcher.submit_future("k", i, run) for i in range(6)]
+    for i, f in enumerate(futures):
+        if i == 3:
+            with pytest.raises(InputError, match="item 3 is bad"):
+                f.result(timeout=30)
+        else:
+            assert f.result(timeout=30) == -i
+    assert calls[0] == 6 and sizes == [6]
+
+    # a bug reaches every caller of its batch, and the worker goes on
+    def broken(items):
+        raise ZeroDivisionError
+
+    with pytest.raises(ZeroDivisionError):
+        batcher.submit_future("b", 1, broken).result(timeout=30)
+    assert batcher.submit_future("k", 5, run).result(timeout=30) == -5
+    batcher.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        batcher.submit_future("k", 1, run)
+
+
+def test_unbatched_items_run_alone_one_at_a_time():
+    active, most, sizes = [0], [0], []
+    lock = threading.Lock()
+
+    def run(items):
+        with lock:
+            active[0] += 1
+            most[0] = max(most[0], active[0])
+        sizes.append(len(items))
+        with lock:
+            active[0] -= 1
+        return items
+
+    batcher = Batcher(max_batch=16, max_wait_ms=20)
+    futures = [batcher.submit_future("k", i, run, batch=i % 2 == 0) for i in range(12)]
+    assert [f.result(timeout=30) for f in futures] == list(range(12))
+    batcher.close()
+    assert most[0] == 1  # every model call on the one worker thread
+    assert sizes.count(1) >= 6  # the six unbatched ones at least
+
+
+@pytest.fixture(scope="module")
+def model():
+    return blipkit.load("scenes-blip")
+
+
+def requests_of(n: int) -> list[tuple[Path, list[str]]]:
+    """n different requests: each its image and its own texts."""
+    return [(IMAGES[i % len(IMAGES)], TEXTS[i % 3 : i % 3 + 2 + i % 4]) for i in range(n)]
+
+
+def post_all(client: TestClient, path: str, requests: list, fields) -> list[dict]:
+    with ThreadPoolExecutor(len(requests)) as pool:
+        futures = [pool.submit(client.post, path, files=[("image", (p.name, p.read_bytes(), "image/png"))],
+                               data=fields(texts)) for p, texts in requests]
+        responses = [f.result() for f in futures]
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses if r.status_code != 200]
+    return [r.json() for r in responses]
+
+
+def batch_sizes(client: TestClient, kind: str) -> tuple[int, int]:
+    """(model calls, requests in them) of `kind` from /metrics."""
+    text = client.get("/metrics").text
+    calls = re.search(rf'blipkit_batch_size_count\{{kind="{kind}"\}} (\d+)', text)
+    total = re.search(rf'blipkit_batch_size_sum\{{kind="{kind}"\}} ([\d.]+)', text)
+    return int(calls.group(1)), int(float(total.group(1)))
+
+
+def test_simultaneous_match_requests_are_batched_and_equal_unbatched_calls(model):
+    requests = requests_of(16)
+    # a long wait: the batch closes when all 16 are in, so they are certainly gathered into one call
+    with TestClient(create_app(model, max_batch=16, max_wait_ms=3000)) as client:
+        got = post_all(client, "/api/match", requests, lambda texts: {"texts": texts})
+        calls, total = batch_sizes(client, "match")
+    assert total == 16 and calls < 16
+    for (path, texts), body in zip(requests, got, strict=True):
+        image = Image.open(path).convert("RGB")
+        itm, itc = model.match(image, texts)[0].tolist(), model.similarity(image, texts)[0].tolist()
+        matches = body["results"][0]["matches"]
+        assert [m["text"] for m in matches] == texts
+        assert [m["itm"] for m in matches] == pytest.approx(itm, abs=1e-5)
+        assert [m["itc"] for m in matches] == pytest.approx(itc, abs=1e-5)
+
+
+def test_simultaneous_captions_and_answers_equal_unbatched_calls(model):
+    requests = requests_of(8)
+    questions = ["what color is the circle?", "what shape is on the left?"]
+    with TestClient(create_app(model, max_batch=8, max_wait_ms=3000)) as client:
+        captions = post_all(client, "/api/caption", requests, lambda texts: {"num_beams": "2"})
+        answers = post_all(client, "/api/ask", requests, lambda texts: {"question": questions[len(texts) % 2]})
+        assert batch_sizes(client, "caption") == (1, 8)
+        assert batch_sizes(client, "ask")[1] == 8
+    for (path, texts), c, a in zip(requests, captions, answers, strict=True):
+        image = Image.open(path).convert("RGB")
+        assert c["results"][0]["caption"] == model.caption(image, num_beams=2)[0]
+        assert a["results"][0]["answer"] == model.answer(image, questions[len(texts) % 2])[0]
+
+
+def test_without_batching_every_request_is_its_own_call(model):
+    requests = requests_of(6)
+    with TestClient(create_app(model, max_batch=1)) as client:
+        post_all(client, "/api/match", requests, lambda texts: {"texts": texts})
+        assert batch_sizes(client, "match") == (6, 6)
