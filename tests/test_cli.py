@@ -30,6 +30,7 @@ def setup(tmp_path_factory) -> dict[str, Path]:
     blipkit.save(tiny_blip(root / "build-cap", parts=("vision_model", "text_decoder")), root / "captioner")
     images = scene_files(root / "scenes")
     (root / "empty").mkdir()
+    (root / "out").mkdir()  # pictures are written into existing folders only
     (root / "texts.txt").write_text("a red circle\na blue square\n")
     return {"root": root, "model": root / "model", "captioner": root / "captioner", "scenes": root / "scenes",
             "scene": images[1], "empty": root / "empty", "texts": root / "texts.txt"}
@@ -75,7 +76,7 @@ def ok(runs, name: str):
 
 
 def test_match(runs):
-    (result,) = ok(runs, "match")
+    result = ok(runs, "match")  # one image: one JSON line
     hits = result["hits"]
     assert sorted(h["text"] for h in hits) == sorted(TEXTS)
     assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
@@ -89,17 +90,23 @@ def run_json(setup, capsys, *args: str):
     return json.loads(capsys.readouterr().out)
 
 
+def run_lines(setup, capsys, *args: str) -> list:
+    """`blipkit ARGS --json` of a bulk command: one JSON object per line."""
+    assert cli.main([*args, "--json", "--model", str(setup["model"])]) == 0
+    return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+
+
 def test_classify_caption_ask(setup, capsys):
     labels = ["red circle", "blue square", "star"]
-    data = run_json(setup, capsys, "classify", str(setup["scenes"]), "-l", *labels, "-k", "2")
-    assert data["head"] == "itc" and len(data["results"]) == 4
-    assert all(len(r["top"]) == 2 and r["top"][0]["score"] >= r["top"][1]["score"] for r in data["results"])
-    captions = run_json(setup, capsys, "caption", str(setup["scene"]), str(setup["scenes"] / "scene0.png"),
-                        "--max-new-tokens", "4")
+    results = run_lines(setup, capsys, "classify", str(setup["scenes"]), "-l", *labels, "-k", "2")
+    assert len(results) == 4 and all(set(r) == {"image", "top"} for r in results)
+    assert all(len(r["top"]) == 2 and r["top"][0]["score"] >= r["top"][1]["score"] for r in results)
+    captions = run_lines(setup, capsys, "caption", str(setup["scene"]), str(setup["scenes"] / "scene0.png"),
+                         "--max-new-tokens", "4")
     assert [Path(c["image"]).name for c in captions] == [setup["scene"].name, "scene0.png"]
     assert all(isinstance(c["caption"], str) for c in captions)
-    answers = run_json(setup, capsys, "ask", str(setup["scenes"] / "*.png"), "-q", "what color is it?", "--answers",
-                       "red", "blue")
+    answers = run_lines(setup, capsys, "ask", str(setup["scenes"] / "*.png"), "-q", "what color is it?", "--answers",
+                        "red", "blue")
     assert len(answers) == 4 and {a["answer"] for a in answers} <= {"red", "blue"}
 
 
@@ -149,13 +156,13 @@ def test_error_in_subprocess_is_one_line(runs):
     (["classify", "{scene}"], "no labels given"),
     (["classify", "{scene}", "--labels-file", "{root}/missing.txt"], "does not exist"),
     (["ground", "{scenes}", "-t", "a red circle"], "takes one image"),
-    (["matrix", "{scene}", "-t", "x", "-o", "{root}/m.jpg"], "PNG"),
+    (["matrix", "{scene}", "-t", "x", "-o", "{root}/m.jpg"], "ending in .png"),
     (["match", "{scene}", "-t", "x", "--device", "nonsense"], "is not a device"),
     (["attention", "{scene}"], "need a text"),
     (["classify", "{scene}", "-l", "circle", "--model", "{captioner}"], "cannot classify images zero-shot"),
-    (["caption", "{scene}", "--beams", "0"], "--beams 0"),
+    (["caption", "{scene}", "--beams", "0"], "argument --beams: 0 is out of range: use 1 to 64"),
     (["caption", "{scene}", "--min-new-tokens", "9", "--max-new-tokens", "3"], "more than --max-new-tokens"),
-    (["match", "{scene}", "-t", "x", "-k", "0"], "--top-k 0"),
+    (["match", "{scene}", "-t", "x", "-k", "0"], "argument -k/--top-k: 0 is out of range: use at least 1"),
 ])
 def test_bad_input_is_one_line(setup, capsys, args, message):
     args = [a.format(**setup) for a in args]

@@ -2,8 +2,9 @@
 eval), each calling the library's public functions.
 
 Each module in `COMMAND_MODULES` has `add_commands(subparsers, common)` which adds its subcommands with
-`parents=[common]` and sets `func(args) -> int` on each. Errors blipkit raises on purpose become one line on
-stderr and exit status 2; nothing else is caught, so real bugs still show their traceback.
+`parents=[common]` and sets `func(args) -> int` on each. A command line the parser cannot take and errors blipkit
+raises on purpose become one line on stderr and exit status 2; nothing else is caught, so real bugs still show their
+traceback. Bulk commands that skipped bad images exit with status 1 (see `blipkit.cli.common`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 import sys
 
 from ..errors import BlipkitError
+from .common import Parser, ParserError, check_texts, one_line, write_line
 
 COMMAND_MODULES = ("blipkit.cli.tasks", "blipkit.cli.train", "blipkit.cli.collections", "blipkit.cli.serve")
 DEFAULT_MODEL = "scenes-blip"
@@ -21,25 +23,25 @@ DEFAULT_MODEL = "scenes-blip"
 
 def common_parser() -> argparse.ArgumentParser:
     """Flags every subcommand takes."""
-    common = argparse.ArgumentParser(add_help=False)
+    common = Parser(add_help=False)
     common.add_argument(
         "--model", default=DEFAULT_MODEL, help=f"model name, directory or Hub id (default: {DEFAULT_MODEL})"
     )
     common.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps ... (default: cpu)")
     common.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="weights dtype")
-    common.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    common.add_argument("--json", action="store_true", help="machine-readable output on stdout (match, classify, "
+                        "caption, ask: a JSON object per line)")
     return common
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser with every available subcommand."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="blipkit",
         description="BLIP and BLIP-2: match, classify, caption, answer, ground, attention maps, train, evaluate.",
         epilog="Run `blipkit COMMAND --help` for each command's options and examples.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    common = common_parser()
     for name in COMMAND_MODULES:
         try:
             module = importlib.import_module(name)
@@ -47,17 +49,24 @@ def build_parser() -> argparse.ArgumentParser:
             if e.name == name:  # that part of blipkit is not installed
                 continue
             raise
-        module.add_commands(sub, common)
+        # a parser of common flags per module: `parents` shares the flags' actions, so one module's set_defaults
+        # (collections: --model defaults to the table's model) must not reach the others
+        module.add_commands(sub, common_parser())
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `blipkit` command."""
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
+    except ParserError as e:
+        write_line(f"{e.prog}: error: {one_line(e)}", sys.stderr)
+        return 2
+    try:
+        check_texts(args)
         return int(args.func(args) or 0)
     except BlipkitError as e:
-        print(f"blipkit {args.command}: error: {e}", file=sys.stderr)
+        write_line(f"blipkit {args.command}: error: {one_line(e)}", sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"blipkit {args.command}: interrupted", file=sys.stderr)

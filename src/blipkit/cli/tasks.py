@@ -1,8 +1,10 @@
 """The task subcommands of `blipkit`: match, classify, caption, ask, ground, attention, matrix, plot-space, info.
 
 Each one loads the model named by --model, runs a task from `blipkit.tasks` (or a model method), prints a readable
-result or, with --json, one JSON document on stdout, and writes a PNG where --out is given. Progress bars go to
-stderr; errors blipkit raises become one line on stderr (see `blipkit.cli`).
+result or, with --json, JSON on stdout, and writes a PNG where --out is given. The bulk commands (match, classify,
+caption, ask) write each image's result as it is computed, one JSON object per line with --json, and skip images that
+cannot be read (see `blipkit.cli.common`); the others print one JSON document. Progress bars go to stderr; errors
+blipkit raises become one line on stderr (see `blipkit.cli`).
 """
 
 from __future__ import annotations
@@ -14,8 +16,20 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..errors import CapabilityError, InputError
+from ..errors import InputError
 from ..tasks.common import PROGRESS_MIN
+from .common import (
+    MAX_BATCH,
+    MAX_BEAMS,
+    MAX_CAPTIONS,
+    MAX_NEW_TOKENS,
+    MAX_SEED,
+    Bulk,
+    check_output,
+    integer,
+    number,
+    write_line,
+)
 
 FORMATTER = argparse.RawDescriptionHelpFormatter
 
@@ -29,18 +43,9 @@ def _examples(*lines: str) -> str:
 
 def _device(name: str | None) -> str | None:
     """--device checked here, so a typo is one clear line rather than an error deep inside torch."""
-    if name is None:
-        return None
-    import torch
+    from ..devices import resolve_device
 
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise InputError(f"--device {name!r} is not a device: use cpu, cuda, cuda:1, mps ...") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"--device {name}: no CUDA device is available here; use --device cpu")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise InputError(f"--device {name}: no MPS device is available here; use --device cpu")
+    resolve_device(name, "--device")
     return name
 
 
@@ -56,10 +61,21 @@ def _images(args: argparse.Namespace) -> list[Path]:
     return image_paths(args.images)
 
 
-def _one_image(args: argparse.Namespace) -> Path:
+def _one_image(args: argparse.Namespace, texts: list[str], what: str) -> Path:
+    """The one image file of ground / attention; a positional `what` that looks like a second image is refused, so
+    `ground a.png b.png "phrase"` cannot read the file name b.png as a phrase."""
+    from ..tasks.inputs import IMAGE_SUFFIXES
+
+    (spec,) = args.images
     paths = _images(args)
-    if len(paths) != 1:
-        raise InputError(f"{args.command} takes one image; '{' '.join(args.images)}' names {len(paths)}")
+    if len(paths) != 1 or Path(spec).is_dir():
+        raise InputError(f"{args.command} takes one image file; '{spec}' names {len(paths)} images: run it once per "
+                         f"image")
+    for text in texts:
+        name = Path(text.strip())
+        if (name.suffix.lower() in IMAGE_SUFFIXES and " " not in text.strip()) or (text and name.is_file()):
+            raise InputError(f"{args.command} takes one image file, and the {what} '{text}' looks like another one: "
+                             f"run it once per image (a {what} that really is a file name goes after -t)")
     return paths[0]
 
 
@@ -70,11 +86,8 @@ def _texts(args: argparse.Namespace, what: str = "texts") -> list[str]:
 
 
 def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
-    """The result on stdout: JSON with --json, else the readable text."""
-    if args.json:
-        print(json.dumps(data, indent=2, ensure_ascii=False))
-    else:
-        print(text)
+    """The result of a one-document command on stdout: JSON with --json, else the readable text."""
+    write_line(json.dumps(data, indent=2, ensure_ascii=False) if args.json else text)
 
 
 def _progress(items: list, desc: str):
@@ -90,16 +103,8 @@ def _picture(args: argparse.Namespace, draw) -> str | None:
     path = Path(args.out)
     draw(path)
     if not args.json:
-        print(f"wrote {path}", file=sys.stderr)
+        write_line(f"wrote {path}", sys.stderr)
     return str(path)
-
-
-def _at_least(args: argparse.Namespace, **lowest: int) -> None:
-    """InputError for a numeric option below its lowest sensible value (options left unset are skipped)."""
-    for name, low in lowest.items():
-        value = getattr(args, name)
-        if value is not None and value < low:
-            raise InputError(f"--{name.replace('_', '-')} {value}: use {low} or more")
 
 
 def _fit_lengths(method, options: dict[str, Any]) -> None:
@@ -117,12 +122,14 @@ def _fit_lengths(method, options: dict[str, Any]) -> None:
 
 
 def _checked(func):
-    """`func` preceded by the checks that need no model (so a wrong --out fails before a long computation)."""
+    """`func` preceded by the checks that need no model, so a wrong --out fails before a long computation."""
 
     def run(args: argparse.Namespace) -> int:
-        out = getattr(args, "out", None)
-        if out and Path(out).suffix.lower() != ".png":
-            raise InputError(f"--out '{out}': pictures are written as PNG, give a path ending in .png")
+        if getattr(args, "out", None):
+            from ..tasks.inputs import image_paths
+
+            inputs = image_paths(args.images) if args.images else []
+            check_output(args.out, "--out", inputs, ".png")
         return func(args)
 
     return run
@@ -132,23 +139,11 @@ def _fmt(x: float | None, spec: str = "7.3f") -> str:
     return format(x, spec) if x is not None else f"{'-':>{int(spec.split('.')[0])}}"
 
 
-def _add_images(p: argparse.ArgumentParser, one: bool = False, optional: bool = False) -> None:
-    help_ = "an image file" if one else "image files, folders (their images) or glob patterns (quote them)"
-    p.add_argument("images", nargs=1 if one else "*" if optional else "+", metavar="IMAGE", help=help_)
+def _sample_seed(args: argparse.Namespace) -> None:
+    if args.sample:
+        import torch
 
-
-def _add_texts(p: argparse.ArgumentParser, help_: str, required: bool = True) -> None:
-    p.add_argument("-t", "--texts", nargs="+", metavar="TEXT", help=help_)
-    more = "more texts, one per line" + ("" if required else " (optional)")
-    p.add_argument("--texts-file", metavar="FILE", help=more)
-
-
-def _add_out(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-o", "--out", metavar="PNG", help="write the picture to this PNG file")
-
-
-def _add_batch(p: argparse.ArgumentParser, default: int = 32) -> None:
-    p.add_argument("--batch-size", type=int, default=default, help=f"images per forward pass (default {default})")
+        torch.manual_seed(args.seed)
 
 
 # ----------------------------------------------------------------------------------------------------------- commands
@@ -158,21 +153,17 @@ def cmd_match(args: argparse.Namespace) -> int:
     from ..tasks.ranking import Collection
 
     paths, texts = _images(args), _texts(args)
-    _at_least(args, top_k=1, top_n=1)
     model = _load(args)
     collection = Collection(model, texts=texts)
-    results = []
-    for path in _progress(paths, "match"):
-        hits = collection.search_texts(path, k=args.top_k or len(texts), top_n=args.top_n or len(texts))
-        results.append({"image": str(path), "hits": [{"text": texts[h.index], **h.to_dict()} for h in hits]})
-    lines = []
-    for r in results:
-        lines.append(r["image"])
-        lines.append(f"  {'#':>3} {'score':>7} {'ITC':>7} {'ITM':>7}  text")
-        for rank, h in enumerate(r["hits"], 1):
-            lines.append(f"  {rank:>3} {_fmt(h['score'])} {_fmt(h['itc'])} {_fmt(h['itm'])}  {h['text']}")
-    _emit(args, results, "\n".join(lines))
-    return 0
+    bulk = Bulk(args, paths)
+    for batch, pixels in bulk.images(model, 1):
+        hits = collection.search_texts(pixels, k=args.top_k or len(texts), top_n=args.top_n or len(texts))
+        result = {"image": str(batch[0]), "hits": [{"text": texts[h.index], **h.to_dict()} for h in hits]}
+        lines = [str(batch[0]), f"  {'#':>3} {'score':>7} {'ITC':>7} {'ITM':>7}  text"]
+        lines += [f"  {rank:>3} {_fmt(h['score'])} {_fmt(h['itc'])} {_fmt(h['itm'])}  {h['text']}"
+                  for rank, h in enumerate(result["hits"], 1)]
+        bulk.write(result, "\n".join(lines))
+    return bulk.finish()
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
@@ -183,21 +174,17 @@ def cmd_classify(args: argparse.Namespace) -> int:
     labels = read_texts(args.labels, args.labels_file, "labels")
     templates = args.template or list(DEFAULT_TEMPLATES)
     model = _load(args)
-    top = classify(model, paths, labels, templates, head=args.head, k=args.top_k, batch_size=args.batch_size)
-    results = [{"image": str(p), "top": [{"label": lab, "score": s} for lab, s in t]}
-               for p, t in zip(paths, top, strict=True)]
-    lines = [f"{r['image']}: " + ", ".join(f"{t['label']} ({t['score']:.3f})" for t in r["top"]) for r in results]
-    _emit(args, {"head": args.head, "templates": templates, "results": results}, "\n".join(lines))
-    return 0
+    bulk = Bulk(args, paths)
+    for batch, pixels in bulk.images(model, args.batch_size):
+        top = classify(model, pixels, labels, templates, head=args.head, k=args.top_k, progress=False)
+        for path, best in zip(batch, top, strict=True):
+            text = f"{path}: " + ", ".join(f"{label} ({score:.3f})" for label, score in best)
+            bulk.write({"image": str(path), "top": [{"label": lab, "score": s} for lab, s in best]}, text)
+    return bulk.finish()
 
 
 def cmd_caption(args: argparse.Namespace) -> int:
-    from ..tasks.common import batched
-
     paths = _images(args)
-    _at_least(args, beams=1, max_new_tokens=1, min_new_tokens=0, num_captions=1, batch_size=1)
-    if args.sample and not (0 < args.top_p <= 1 and args.temperature > 0):
-        raise InputError(f"--top-p {args.top_p} --temperature {args.temperature}: use 0 < top-p <= 1, temperature > 0")
     model = _load(args)
     given = dict(prompt=args.prompt, num_beams=args.beams, max_new_tokens=args.max_new_tokens,
                  min_new_tokens=args.min_new_tokens, num_captions=args.num_captions)
@@ -206,47 +193,38 @@ def cmd_caption(args: argparse.Namespace) -> int:
     options["do_sample"] = args.sample
     if args.sample:
         options.update(top_p=args.top_p, temperature=args.temperature)
-        import torch
-
-        torch.manual_seed(args.seed)
-    captions: list = []
-    for batch in batched(paths, args.batch_size, None, "caption"):
-        captions += model.caption(batch, **options)
-    results = [{"image": str(p), "caption" if isinstance(c, str) else "captions": c}
-               for p, c in zip(paths, captions, strict=True)]
-    lines = [f"{p}\t{c if isinstance(c, str) else ' | '.join(c)}" for p, c in zip(paths, captions, strict=True)]
-    _emit(args, results, "\n".join(lines))
-    return 0
+    _sample_seed(args)
+    bulk = Bulk(args, paths)
+    for batch, pixels in bulk.images(model, args.batch_size):
+        for path, c in zip(batch, model.caption(pixels, **options), strict=True):
+            key, text = ("caption", c) if isinstance(c, str) else ("captions", " | ".join(c))
+            bulk.write({"image": str(path), key: c}, f"{path}\t{text}")
+    return bulk.finish()
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
-    from ..tasks.common import batched
     from ..tasks.inputs import read_texts
 
     paths = _images(args)
     answers = read_texts(args.answers, args.answers_file, "answers") if args.answers or args.answers_file else None
-    if not args.question.strip():
-        raise InputError("the question is blank: ask something")
-    _at_least(args, beams=1, batch_size=1)
     model = _load(args)
     options = {} if args.beams is None else {"num_beams": args.beams}
     if answers is not None:
-        if "answers" not in inspect.signature(model.answer).parameters:
-            raise CapabilityError(f"{args.model} generates answers and cannot rank given ones: drop --answers")
+        model.require("rank_answers", "rank given answers (drop --answers to generate them)")
         options["answers"] = answers
-    out: list[str] = []
-    for batch in batched(paths, args.batch_size, None, "ask"):
-        out += model.answer(batch, [args.question] * len(batch), **options)
-    results = [{"image": str(p), "question": args.question, "answer": a} for p, a in zip(paths, out, strict=True)]
-    _emit(args, results, "\n".join(f"{p}\t{a}" for p, a in zip(paths, out, strict=True)))
-    return 0
+    bulk = Bulk(args, paths)
+    for batch, pixels in bulk.images(model, args.batch_size):
+        for path, answer in zip(batch, model.answer(pixels, [args.question] * len(batch), **options), strict=True):
+            bulk.write({"image": str(path), "question": args.question, "answer": answer}, f"{path}\t{answer}")
+    return bulk.finish()
 
 
 def cmd_ground(args: argparse.Namespace) -> int:
     from ..tasks.grounding import ground, render_grounding
+    from ..tasks.inputs import read_texts
 
-    path = _one_image(args)
-    phrases = _texts(argparse.Namespace(texts=args.phrases + (args.texts or []), texts_file=args.texts_file), "phrases")
+    path = _one_image(args, args.phrases, "phrase")
+    phrases = read_texts(args.phrases + (args.texts or []), args.texts_file, "phrases")
     model = _load(args)
     found = [ground(model, path, p, layer=args.layer, threshold=args.threshold) for p in _progress(phrases, "ground")]
     picture = _picture(args, lambda out: render_grounding(found, path, out, tokens=args.tokens))
@@ -262,7 +240,7 @@ def cmd_ground(args: argparse.Namespace) -> int:
 def cmd_attention(args: argparse.Namespace) -> int:
     from ..tasks.attention import cross_attention_maps, render_attention
 
-    path = _one_image(args)
+    path = _one_image(args, args.words, "text")
     words = args.words + (args.text or [])
     text = " ".join(words) if words else None
     model = _load(args)
@@ -330,31 +308,39 @@ def cmd_info(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------------------------- parser
 
 
-def add_commands(subparsers: Any, common: argparse.ArgumentParser) -> None:
-    """Add the task subcommands to `blipkit`'s parser."""
+def _add_images(p: argparse.ArgumentParser, one: bool = False, optional: bool = False) -> None:
+    help_ = "an image file" if one else "image files, folders (their images) or glob patterns (quote them)"
+    p.add_argument("images", nargs=1 if one else "*" if optional else "+", metavar="IMAGE", help=help_)
 
-    def add(name: str, func, help_: str, examples: list[str]) -> argparse.ArgumentParser:
-        p = subparsers.add_parser(name, parents=[common], help=help_, description=help_,
-                                  epilog=_examples(*examples), formatter_class=FORMATTER)
-        p.set_defaults(func=_checked(func))
-        return p
 
-    p = add("match", cmd_match, "rank texts against each image, ITC and ITM scores side by side", [
-        'blipkit match scene.png -t "a red circle" "a blue square" "two green stars"',
-        "blipkit match photos/ --texts-file captions.txt -k 3 --json",
-        "blipkit match 'shots/*.jpg' --texts-file captions.txt --top-n 16   # ITM re-ranks the 16 best by ITC",
-    ])
+def _add_texts(p: argparse.ArgumentParser, help_: str, required: bool = True) -> None:
+    p.add_argument("-t", "--texts", nargs="+", metavar="TEXT", help=help_)
+    more = "more texts, one per line" + ("" if required else " (optional)")
+    p.add_argument("--texts-file", metavar="FILE", help=more)
+
+
+def _add_out(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-o", "--out", metavar="PNG", help="write the picture to this PNG file (its folder must exist)")
+
+
+def _add_batch(p: argparse.ArgumentParser, default: int = 32) -> None:
+    p.add_argument("--batch-size", type=integer(1, MAX_BATCH), default=default,
+                   help=f"images per forward pass (default {default})")
+
+
+def _add_layer(p: argparse.ArgumentParser, help_: str) -> None:
+    p.add_argument("--layer", type=integer(), default=None, help=help_)
+
+
+def _options_match(p: argparse.ArgumentParser) -> None:
     _add_images(p)
     _add_texts(p, "candidate texts")
-    p.add_argument("-k", "--top-k", type=int, default=None, help="show the k best texts (default: all)")
-    p.add_argument("--top-n", type=int, default=None,
+    p.add_argument("-k", "--top-k", type=integer(1), default=None, help="show the k best texts (default: all)")
+    p.add_argument("--top-n", type=integer(1), default=None,
                    help="two-stage: ITM scores only the N best by ITC (default: all); score = ITM logit + ITC")
 
-    p = add("classify", cmd_classify, "zero-shot classification of images over labels", [
-        "blipkit classify scene.png -l circle square triangle star",
-        'blipkit classify photos/ -l cat dog bird --template "a picture of a {}" --template "a photo of a {}"',
-        "blipkit classify scene.png --labels-file colours.txt --head itm -k 3 --json",
-    ])
+
+def _options_classify(p: argparse.ArgumentParser) -> None:
     _add_images(p)
     p.add_argument("-l", "--labels", nargs="+", metavar="LABEL", help="class names")
     p.add_argument("--labels-file", metavar="FILE", help="more class names, one per line")
@@ -362,93 +348,134 @@ def add_commands(subparsers: Any, common: argparse.ArgumentParser) -> None:
                    help="prompt with {} for the label; repeat to average several (default: 'a picture of {}')")
     p.add_argument("--head", choices=["itc", "itm"], default="itc",
                    help="itc: softmax over labels (default); itm: match probability of each label")
-    p.add_argument("-k", "--top-k", type=int, default=5, help="labels shown per image (default 5)")
+    p.add_argument("-k", "--top-k", type=integer(1), default=5, help="labels shown per image (default 5)")
     _add_batch(p)
 
-    p = add("caption", cmd_caption, "caption images", [
-        "blipkit caption scene.png",
-        "blipkit caption photos/ --beams 5 --json",
-        'blipkit caption photo.jpg --prompt "a picture of" --sample --num-captions 3',
-    ])
+
+def _options_caption(p: argparse.ArgumentParser) -> None:
     _add_images(p)
     p.add_argument("--prompt", default=None, help="text each caption starts with")
-    p.add_argument("--beams", type=int, default=None, help="beam width (default: the model's)")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="longest caption in tokens (default: the model's)")
-    p.add_argument("--min-new-tokens", type=int, default=None, help="shortest caption in tokens (default: the model's)")
+    p.add_argument("--beams", type=integer(1, MAX_BEAMS), default=None, help="beam width (default: the model's)")
+    p.add_argument("--max-new-tokens", type=integer(1, MAX_NEW_TOKENS), default=None,
+                   help="longest caption in tokens (default: the model's)")
+    p.add_argument("--min-new-tokens", type=integer(0, MAX_NEW_TOKENS), default=None,
+                   help="shortest caption in tokens (default: the model's)")
     p.add_argument("--sample", action="store_true", help="nucleus sampling instead of beam search")
-    p.add_argument("--top-p", type=float, default=0.9)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--num-captions", type=int, default=None, help="captions per image (default 1)")
-    p.add_argument("--seed", type=int, default=0, help="random seed when sampling")
+    p.add_argument("--top-p", type=number(0, 1, above=True), default=0.9, help="nucleus mass, 0 < p <= 1 (0.9)")
+    p.add_argument("--temperature", type=number(0, above=True), default=1.0, help="sampling temperature (1.0)")
+    p.add_argument("--num-captions", type=integer(1, MAX_CAPTIONS), default=None, help="captions per image (default 1)")
+    p.add_argument("--seed", type=integer(0, MAX_SEED), default=0, help="random seed when sampling")
     _add_batch(p, 8)
 
-    p = add("ask", cmd_ask, "answer a question about each image (VQA)", [
-        'blipkit ask scene.png -q "what color is the circle?"',
-        'blipkit ask photos/ -q "how many shapes are there?" --answers zero one two three --json',
-    ])
+
+def _options_ask(p: argparse.ArgumentParser) -> None:
     _add_images(p)
     p.add_argument("-q", "--question", required=True, help="the question, asked of every image")
     p.add_argument("--answers", nargs="+", metavar="ANSWER", help="rank these candidate answers instead of generating")
     p.add_argument("--answers-file", metavar="FILE", help="candidate answers, one per line")
-    p.add_argument("--beams", type=int, default=None, help="beam width (default: the model's)")
+    p.add_argument("--beams", type=integer(1, MAX_BEAMS), default=None, help="beam width (default: the model's)")
     _add_batch(p, 8)
 
-    p = add("ground", cmd_ground, "find phrases in an image: a box per phrase from GradCAM over the ITM encoder", [
-        'blipkit ground scene.png "the red circle" "the blue square" -o boxes.png',
-        'blipkit ground scene.png "a yellow star" --layer 1 --threshold 0.4 --json',
-        'blipkit ground scene.png --texts-file phrases.txt --tokens -o tokens.png   # a map per word too',
-    ])
+
+def _options_ground(p: argparse.ArgumentParser) -> None:
     _add_images(p, one=True)
     p.add_argument("phrases", nargs="*", metavar="PHRASE", help="phrases to find, one box each (quote each)")
-    _add_texts(p, "more phrases")
-    p.add_argument("--layer", type=int, default=None, help="cross-attention layer (default: the middle one)")
-    p.add_argument("--threshold", type=float, default=0.5, help="fraction of the map's maximum in the box (0.5)")
+    _add_texts(p, "more phrases (a phrase that looks like a file name goes here)")
+    _add_layer(p, "cross-attention layer (default: the middle one)")
+    p.add_argument("--threshold", type=number(0, 1, above=True), default=0.5,
+                   help="fraction of the map's maximum in the box, 0 < t <= 1 (0.5)")
     p.add_argument("--tokens", action="store_true", help="draw each token's map too")
     p.add_argument("--maps", action="store_true", help="include the GradCAM maps in --json output")
     _add_out(p)
 
-    p = add("attention", cmd_attention, "cross-attention maps of one layer: where each token looks in the image", [
-        'blipkit attention scene.png "a red circle left of a blue square" -o attention.png',
-        'blipkit attention scene.png "a red circle" --layer 0 --suppress-common --heads -o heads.png',
-        'blipkit attention scene.png "a red circle" --json > maps.json   # [tokens, heads, grid_h, grid_w]',
-    ])
+
+def _options_attention(p: argparse.ArgumentParser) -> None:
     _add_images(p, one=True)
     p.add_argument("words", nargs="*", metavar="TEXT", help="the text the model reads (optional for BLIP-2)")
     p.add_argument("-t", "--text", nargs="+", metavar="WORD", help="the text, as an option")
-    p.add_argument("--layer", type=int, default=None, help="layer index (default: the middle cross-attention layer)")
+    _add_layer(p, "layer index (default: the middle cross-attention layer)")
     p.add_argument("--suppress-common", action="store_true",
                    help="subtract each patch's minimum over tokens (removes what every token attends to)")
     p.add_argument("--heads", action="store_true", help="draw every head, one row per token")
     p.add_argument("--all-tokens", action="store_true", help="draw special tokens ([CLS], [SEP]) too")
     _add_out(p)
 
-    p = add("matrix", cmd_matrix, "score every image against every text (ITC or ITM), as numbers and a heatmap", [
-        'blipkit matrix a.png b.png c.png -t "a red circle" "a blue square" -o matrix.png',
-        "blipkit matrix photos/ --texts-file captions.txt --head itm --json",
-    ])
+
+def _options_matrix(p: argparse.ArgumentParser) -> None:
     _add_images(p)
     _add_texts(p, "texts (columns)")
     p.add_argument("--head", choices=["itc", "itm"], default="itc", help="itc: cosine (default); itm: probability")
     _add_batch(p)
     _add_out(p)
 
-    p = add("plot-space", cmd_plot_space, "2-D map of image and text embeddings (t-SNE, PCA or UMAP)", [
-        "blipkit plot-space photos/ -o space.png",
-        "blipkit plot-space photos/ --texts-file captions.txt --method pca -o space.png --json",
-        'blipkit plot-space -t "a red circle" "a blue circle" "a red square" "a blue square" -o words.png',
-    ])
+
+def _options_plot_space(p: argparse.ArgumentParser) -> None:
     _add_images(p, optional=True)
     _add_texts(p, "texts to place", required=False)
     p.add_argument("--method", choices=["auto", "tsne", "pca", "umap"], default="auto",
                    help="auto: t-SNE, PCA below 5 points (umap needs umap-learn)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=integer(0, MAX_SEED), default=0)
     p.add_argument("--no-thumbnails", action="store_true", help="draw images as dots")
     _add_batch(p)
     _add_out(p)
 
-    p = add("info", cmd_info, "model facts: parameters per part and array, layer types, configuration", [
+
+def _options_info(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--arrays", action="store_true", help="list every named array with its shape and size")
+
+
+# name, function, help, examples, options
+COMMANDS: tuple[tuple[str, Any, str, tuple[str, ...], Any], ...] = (
+    ("match", cmd_match, "rank texts against each image, ITC and ITM scores side by side", (
+        'blipkit match scene.png -t "a red circle" "a blue square" "two green stars"',
+        "blipkit match photos/ --texts-file captions.txt -k 3 --json   # one JSON line per image",
+        "blipkit match 'shots/*.jpg' --texts-file captions.txt --top-n 16   # ITM re-ranks the 16 best by ITC",
+    ), _options_match),
+    ("classify", cmd_classify, "zero-shot classification of images over labels", (
+        "blipkit classify scene.png -l circle square triangle star",
+        'blipkit classify photos/ -l cat dog bird --template "a picture of a {}" --template "a photo of a {}"',
+        "blipkit classify scene.png --labels-file colours.txt --head itm -k 3 --json",
+    ), _options_classify),
+    ("caption", cmd_caption, "caption images", (
+        "blipkit caption scene.png",
+        "blipkit caption photos/ --beams 5 --json > captions.jsonl   # unreadable images: skipped, listed, exit 1",
+        'blipkit caption photo.jpg --prompt "a picture of" --sample --num-captions 3',
+    ), _options_caption),
+    ("ask", cmd_ask, "answer a question about each image (VQA)", (
+        'blipkit ask scene.png -q "what color is the circle?"',
+        'blipkit ask photos/ -q "how many shapes are there?" --answers zero one two three --json',
+    ), _options_ask),
+    ("ground", cmd_ground, "find phrases in an image: a box per phrase from GradCAM over the ITM encoder", (
+        'blipkit ground scene.png "the red circle" "the blue square" -o boxes.png',
+        'blipkit ground scene.png "a yellow star" --layer 1 --threshold 0.4 --json',
+        'blipkit ground scene.png --texts-file phrases.txt --tokens -o tokens.png   # a map per word too',
+    ), _options_ground),
+    ("attention", cmd_attention, "cross-attention maps of one layer: where each token looks in the image", (
+        'blipkit attention scene.png "a red circle left of a blue square" -o attention.png',
+        'blipkit attention scene.png -t a red circle --layer 0 --suppress-common --heads -o heads.png',
+        'blipkit attention scene.png "a red circle" --json > maps.json   # [tokens, heads, grid_h, grid_w]',
+    ), _options_attention),
+    ("matrix", cmd_matrix, "score every image against every text (ITC or ITM), as numbers and a heatmap", (
+        'blipkit matrix a.png b.png c.png -t "a red circle" "a blue square" -o matrix.png',
+        "blipkit matrix photos/ --texts-file captions.txt --head itm --json",
+    ), _options_matrix),
+    ("plot-space", cmd_plot_space, "2-D map of image and text embeddings (t-SNE, PCA or UMAP)", (
+        "blipkit plot-space photos/ -o space.png",
+        "blipkit plot-space photos/ --texts-file captions.txt --method pca -o space.png --json",
+        'blipkit plot-space -t "a red circle" "a blue circle" "a red square" "a blue square" -o words.png',
+    ), _options_plot_space),
+    ("info", cmd_info, "model facts: parameters per part and array, layer types, configuration", (
         "blipkit info",
         "blipkit info --model ./my-checkpoint --arrays",
         "blipkit info --model blip-itm-base-coco --json",
-    ])
-    p.add_argument("--arrays", action="store_true", help="list every named array with its shape and size")
+    ), _options_info),
+)
+
+
+def add_commands(subparsers: Any, common: argparse.ArgumentParser) -> None:
+    """Add the task subcommands to `blipkit`'s parser."""
+    for name, func, help_, examples, options in COMMANDS:
+        p = subparsers.add_parser(name, parents=[common], help=help_, description=help_,
+                                  epilog=_examples(*examples), formatter_class=FORMATTER)
+        p.set_defaults(func=_checked(func))
+        options(p)

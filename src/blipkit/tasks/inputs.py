@@ -44,6 +44,18 @@ def image_paths(specs: str | Path | Sequence[str | Path], recursive: bool = Fals
     return out
 
 
+def check_text(text: str, what: str = "text") -> str:
+    """`text` when it has something visible and is valid Unicode; else InputError naming `what`."""
+    if not isinstance(text, str):
+        raise InputError(f"{what} is a {type(text).__name__}: pass a string")
+    bad = next((c for c in text if 0xD800 <= ord(c) <= 0xDFFF), None)
+    if bad is not None:  # what Python makes of bytes that are not UTF-8 (command lines, file names)
+        raise InputError(f"{what} {text!r:.60} is not valid UTF-8 (it holds {bad!r}): pass UTF-8 text")
+    if not any(c.isprintable() and not c.isspace() for c in text):
+        raise InputError(f"{what} {text!r:.60} is blank: every text needs some words")
+    return text
+
+
 def read_texts(texts: Sequence[str] | None = None, file: str | Path | None = None, what: str = "texts") -> list[str]:
     """Texts given directly plus one per non-blank line of `file` (UTF-8), in that order; at least one."""
     out = [t for t in (texts or [])]
@@ -55,10 +67,12 @@ def read_texts(texts: Sequence[str] | None = None, file: str | Path | None = Non
             raise InputError(f"{what} file '{file}' does not exist: check the path") from e
         except (OSError, UnicodeDecodeError) as e:
             raise InputError(f"cannot read {what} file '{file}' ({e}): give a UTF-8 text file, one per line") from e
-        out += [line.strip() for line in lines if line.strip()]
-    blank = [i for i, t in enumerate(out) if not t.strip()]
-    if blank:
-        raise InputError(f"{what} number {blank[0] + 1} is blank: every one needs some words")
+        from_file = [line.strip() for line in lines if line.strip()]
+        if not from_file:
+            raise InputError(f"{what} file '{file}' has no {what}: write one per line")
+        out += from_file
+    for i, text in enumerate(out):
+        check_text(text, f"{what} number {i + 1}" if len(out) > 1 else what.rstrip("s"))
     if not out:
         raise InputError(f"no {what} given: pass them as arguments or in a file, one per line")
     return out
