@@ -10,6 +10,20 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..train.losses import OBJECTIVES
+from .common import (
+    MAX_BATCH,
+    MAX_BEAMS,
+    MAX_SEED,
+    check_output,
+    check_output_dir,
+    integer,
+    number,
+    write_line,
+)
+
+FORMATTER = argparse.RawDescriptionHelpFormatter
+MAX_STEPS = 10**9
+MAX_WORKERS = 64
 
 TRAIN_EXAMPLES = """examples:
   blipkit train --data data/scenes --arch small --out runs/scenes-blip --steps 5000
@@ -43,21 +57,45 @@ EVAL_EXAMPLES = """examples:
 
 def add_commands(subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     """Add the `train` and `eval` subcommands."""
-    fmt = argparse.RawDescriptionHelpFormatter
     p = subparsers.add_parser("train", parents=[common], help="train BLIP, the BLIP-2 stages, or a small LM",
                               description="Train BLIP from scratch (--arch) or fine-tune --model; or a BLIP-2 stage "
                               "(--stage qformer1 / qformer2) or the small language model stage 2 can use (--stage "
                               "lm). Writes a Hub-format model to --out and resumes from its checkpoint.",
-                              epilog=TRAIN_EXAMPLES, formatter_class=fmt)
+                              epilog=TRAIN_EXAMPLES, formatter_class=FORMATTER)
+    _train_data_options(p)
+    _train_model_options(p)
+    _train_run_options(p)
+    _train_blip2_options(p)
+    p.set_defaults(func=run_train)
+    e = subparsers.add_parser("eval", parents=[common], help="retrieval, captioning, VQA and grounding metrics",
+                              description="Evaluate a BLIP or BLIP-2 model on a split: retrieval TR/IR@1/5/10 (ITC, "
+                              "then ITM re-ranking of the top k), captioning BLEU-4 / CIDEr, VQA accuracy, grounding. "
+                              "Tasks the model has no parts for are reported as skipped.",
+                              epilog=EVAL_EXAMPLES, formatter_class=FORMATTER)
+    _eval_options(e)
+    e.set_defaults(func=run_eval)
+
+
+def _add_data(p: argparse.ArgumentParser, split: str) -> None:
+    """The data options train and eval share."""
+    p.add_argument("--data", required=True, help="scenes dataset dir, Karpathy JSON, image folder"
+                   + (", or tar shards" if split == "train" else ""))
+    p.add_argument("--split", default=split, help=f"split of a scenes dir or original Karpathy JSON (default: {split})")
+    p.add_argument("--image-root", default=None, help="directory image paths are relative to")
+    p.add_argument("--vqa", default=None, help="VQA JSON whose pairs attach to the images by path")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip (and count) entries with missing fields or image files that are missing or unreadable")
+
+
+def _train_data_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stage", default="blip", choices=STAGES,
                    help="blip (default): BLIP; tags: pretrain BLIP's ViT on caption tags; qformer1 / qformer2: "
                    "BLIP-2 stage 1 / 2; lm: an OPT on the captions")
-    p.add_argument("--data", required=True, help="scenes dataset dir, Karpathy JSON, image folder, or tar shards")
-    p.add_argument("--split", default="train", help="split of a scenes dir or original Karpathy JSON (default: train)")
-    p.add_argument("--image-root", default=None, help="directory image paths are relative to")
-    p.add_argument("--vqa", default=None, help="VQA JSON whose pairs attach to the images by path")
-    p.add_argument("--skip-bad", action="store_true", help="skip (and count) entries with missing files or fields")
+    _add_data(p, "train")
     p.add_argument("--out", required=True, help="output directory (model, checkpoint.pt, train_log.jsonl)")
+
+
+def _train_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", default=None, help="train from scratch with this architecture (small, tiny) and a "
                    "vocabulary built from the data, instead of fine-tuning --model")
     p.add_argument("--patch-init", default=None, choices=["whiten", "normal"],
@@ -70,36 +108,46 @@ def add_commands(subparsers: argparse._SubParsersAction, common: argparse.Argume
                    help="--stage tags: also teach every patch the shape, colour and place (third of the image) of the "
                    "object covering it, from "
                    "'boxes' (a scenes dataset's boxes) or a boxes JSON [{image, objects: [{shape, colour, box_norm}]}]")
-    p.add_argument("--tag-min-count", type=int, default=None,
+    p.add_argument("--tag-min-count", type=integer(1), default=None,
                    help="--stage tags: a caption word or word pair is a tag when at least this many images use it "
                    "(default: 20) and at most half of them")
-    p.add_argument("--steps", type=int, default=1000, help="total optimiser steps (default: 1000)")
-    p.add_argument("--batch-size", type=int, default=32, help="images per step and process (default: 32)")
-    p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (default: 2e-4)")
-    p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps (default: 100)")
-    p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping (0: off)")
+
+
+def _train_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--steps", type=integer(1, MAX_STEPS), default=1000, help="total optimiser steps (default: 1000)")
+    p.add_argument("--batch-size", type=integer(1, MAX_BATCH), default=32,
+                   help="images per step and process (default: 32)")
+    p.add_argument("--lr", type=number(0, 1, above=True), default=2e-4, help="peak learning rate (default: 2e-4)")
+    p.add_argument("--warmup", type=integer(0, MAX_STEPS), default=100, help="linear warm-up steps (default: 100)")
+    p.add_argument("--weight-decay", type=number(0), default=0.05)
+    p.add_argument("--clip", type=number(0), default=1.0, help="gradient-norm clipping (0: off)")
     p.add_argument("--objectives", default=None, help="comma list of itc,itm,lm,vqa (blip; default: all) or "
                    "itc,itm,itg (qformer1; default: all)")
     p.add_argument("--lm-filter", default=None, metavar="REGEX",
                    help="captioning (LM) learns only from captions matching REGEX, when an image has any")
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"], help="mixed precision")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations to save memory")
-    p.add_argument("--save-every", type=int, default=200, help="checkpoint every N steps (default: 200)")
-    p.add_argument("--log-every", type=int, default=10, help="write train_log.jsonl every N steps (default: 10)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=0, help="data-loading worker processes (default: 0)")
+    p.add_argument("--save-every", type=integer(1), default=200, help="checkpoint every N steps (default: 200)")
+    p.add_argument("--log-every", type=integer(1), default=10, help="write train_log.jsonl every N steps (default: 10)")
+    p.add_argument("--seed", type=integer(0, MAX_SEED), default=0)
+    p.add_argument("--workers", type=integer(0, MAX_WORKERS), default=0,
+                   help="data-loading worker processes (default: 0)")
     p.add_argument("--no-resume", action="store_true", help="start over even if --out holds a checkpoint")
-    p.add_argument("--stop-after", type=int, default=None, help="leave after N steps of this run (resumable)")
+    p.add_argument("--stop-after", type=integer(1), default=None, help="leave after N steps of this run (resumable)")
+
+
+def _train_blip2_options(p: argparse.ArgumentParser) -> None:
     b = p.add_argument_group("BLIP-2 stage 1 (--stage qformer1)")
     b.add_argument("--init-vision", default=None, metavar="MODEL",
                    help="BLIP model (name or directory) whose image encoder BLIP-2 uses, frozen; e.g. scenes-blip")
-    b.add_argument("--qformer-layers", type=int, default=None, help="Q-Former layers (default: BLIP's text layers)")
-    b.add_argument("--num-queries", type=int, default=None, help="learned query tokens (default: 8)")
-    b.add_argument("--qformer-width", type=int, default=None, help="Q-Former width (default: the image encoder's)")
+    b.add_argument("--qformer-layers", type=integer(1, 64), default=None,
+                   help="Q-Former layers (default: BLIP's text layers)")
+    b.add_argument("--num-queries", type=integer(1, 1024), default=None, help="learned query tokens (default: 8)")
+    b.add_argument("--qformer-width", type=integer(1, 8192), default=None,
+                   help="Q-Former width (default: the image encoder's)")
     b.add_argument("--qformer-init", default=None, choices=["text-encoder", "random"],
                    help="start the Q-Former and heads from BLIP's text encoder (default) or at random")
-    b.add_argument("--text-length", type=int, default=None,
+    b.add_argument("--text-length", type=integer(1, 4096), default=None,
                    help="text tokens per caption (default: BLIP's text positions; 64 for qformer2 and lm)")
     b = p.add_argument_group("BLIP-2 stage 2 (--stage qformer2)")
     b.add_argument("--init", default=None, metavar="DIR", help="the stage-1 output (run --stage qformer1 first)")
@@ -109,29 +157,22 @@ def add_commands(subparsers: argparse._SubParsersAction, common: argparse.Argume
     b = p.add_argument_group("language model (--stage lm)")
     b.add_argument("--lm-arch", default=None,
                    help="architecture: small (4 layers, width 256), mini (3 layers, width 192) or tiny")
-    b.add_argument("--vocab-size", type=int, default=None, help="byte-level BPE vocabulary size (default: 768)")
-    p.set_defaults(func=run_train)
+    b.add_argument("--vocab-size", type=integer(1, 1_000_000), default=None,
+                   help="byte-level BPE vocabulary size (default: 768)")
 
-    e = subparsers.add_parser("eval", parents=[common], help="retrieval, captioning, VQA and grounding metrics",
-                              description="Evaluate a BLIP or BLIP-2 model on a split: retrieval TR/IR@1/5/10 (ITC, "
-                              "then ITM re-ranking of the top k), captioning BLEU-4 / CIDEr, VQA accuracy, grounding. "
-                              "Tasks the model has no parts for are reported as skipped.",
-                              epilog=EVAL_EXAMPLES, formatter_class=fmt)
-    e.add_argument("--data", required=True, help="scenes dataset dir or Karpathy JSON (+ --vqa)")
-    e.add_argument("--split", default="test", help="split of a scenes dir (default: test)")
-    e.add_argument("--image-root", default=None, help="directory image paths are relative to")
-    e.add_argument("--vqa", default=None, help="VQA JSON (scenes dirs carry their own)")
+
+def _eval_options(e: argparse.ArgumentParser) -> None:
+    _add_data(e, "test")
     e.add_argument("--boxes", default=None, help="boxes JSON for grounding (scenes dirs carry their own)")
-    e.add_argument("--skip-bad", action="store_true", help="skip (and count) entries with missing files or fields")
     e.add_argument("--tasks", default="retrieval,caption,vqa,grounding", help="comma list (default: all)")
-    e.add_argument("--k", type=int, default=16, help="ITM re-ranks the ITC top k (default: 16)")
-    e.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
-    e.add_argument("--batch-size", type=int, default=64)
-    e.add_argument("--num-beams", type=int, default=3, help="beam size for captions (default: 3)")
-    e.add_argument("--layer", type=int, default=None,
+    e.add_argument("--k", type=integer(1), default=16, help="ITM re-ranks the ITC top k (default: 16)")
+    e.add_argument("--limit", type=integer(1), default=None, help="evaluate only the first N images")
+    e.add_argument("--batch-size", type=integer(1, MAX_BATCH), default=64)
+    e.add_argument("--num-beams", type=integer(1, MAX_BEAMS), default=3, help="beam size for captions (default: 3)")
+    e.add_argument("--layer", type=integer(), default=None,
                    help="cross-attention layer grounding reads its GradCAM from (default: the model's)")
-    e.add_argument("--out", default=None, help="also write the metrics (and generated captions/answers) as JSON")
-    e.set_defaults(func=run_eval)
+    e.add_argument("--out", default=None, help="also write the metrics (and generated captions/answers) as JSON; "
+                   "its folder must exist")
 
 
 def _list(value: str, known: tuple[str, ...], flag: str) -> tuple[str, ...]:
@@ -143,7 +184,10 @@ def _list(value: str, known: tuple[str, ...], flag: str) -> tuple[str, ...]:
 
 
 def _device_default(args: argparse.Namespace) -> str:
-    return args.device or "cpu"
+    """--device checked (one clear line for a typo or a missing GPU), or cpu."""
+    from .tasks import _device
+
+    return _device(args.device) or "cpu"
 
 
 def _check_stage_options(args: argparse.Namespace) -> None:
@@ -254,6 +298,8 @@ def run_train(args: argparse.Namespace) -> int:
     if args.dtype not in (None, "float32"):
         raise InputError("training keeps float32 weights; use --amp bf16/fp16 for mixed precision")
     _check_stage_options(args)
+    check_output_dir(args.out, "--out")
+    device = _device_default(args)
     known = STAGE1_OBJECTIVES if args.stage == "qformer1" else OBJECTIVES
     objectives = _list(args.objectives or ",".join(known), known, "--objectives")
     if args.lm_filter:
@@ -267,7 +313,7 @@ def run_train(args: argparse.Namespace) -> int:
         loaded = load_items(args.data, args.split, args.image_root, args.vqa, args.skip_bad)
         data, skipped = loaded.items, loaded.skipped
         if skipped:
-            print(f"skipped {skipped} bad entr{'y' if skipped == 1 else 'ies'} of {args.data}", file=sys.stderr)
+            write_line(f"skipped {skipped} bad entr{'y' if skipped == 1 else 'ies'} of {args.data}", sys.stderr)
         if args.stage not in ("blip", "tags"):  # tags: a model built here takes its vocabulary from the QA too
             data = captions_only(data)
     cfg = TrainConfig(
@@ -277,7 +323,7 @@ def run_train(args: argparse.Namespace) -> int:
         seed=args.seed, workers=args.workers, resume=not args.no_resume, stop_after=args.stop_after,
         skip_bad=args.skip_bad, lm_filter=args.lm_filter,
     )
-    result = train(_to_train(args, data, objectives), data, cfg, device=_device_default(args))
+    result = train(_to_train(args, data, objectives), data, cfg, device=device)
     summary = {"out": str(cfg.out), "stage": args.stage, "step": result.step, "steps": cfg.steps,
                "seconds": round(result.seconds, 1), "losses": {k: round(v, 4) for k, v in result.losses.items()},
                "skipped": skipped, "interrupted": result.interrupted}
@@ -293,17 +339,26 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    """The `eval` command."""
+    """The `eval` command: options, --out and the data checked before the model loads and the work starts."""
     import blipkit
 
+    from ..data.readers import load_items
     from ..train.eval import evaluate, format_metrics
 
     tasks = _list(args.tasks, ("retrieval", "caption", "vqa", "grounding"), "--tasks")
-    model = blipkit.load(args.model, device=_device_default(args), dtype=args.dtype)
+    if args.out:
+        inputs = [Path(p) for p in (args.data, args.vqa, args.boxes) if p is not None]
+        check_output(args.out, "--out", inputs)
+    device = _device_default(args)
+    loaded = load_items(args.data, args.split, args.image_root, args.vqa, args.skip_bad)
+    if loaded.skipped:
+        write_line(f"skipped {loaded.skipped} bad entr{'y' if loaded.skipped == 1 else 'ies'} of {args.data}",
+                   sys.stderr)
+    model = blipkit.load(args.model, device=device, dtype=args.dtype)
     report = evaluate(model, args.data, split=args.split, tasks=tasks, k=args.k, limit=args.limit,
                       image_root=args.image_root, vqa=args.vqa, boxes=args.boxes, batch_size=args.batch_size,
-                      num_beams=args.num_beams, skip_bad=args.skip_bad, layer=args.layer)
+                      num_beams=args.num_beams, skip_bad=args.skip_bad, layer=args.layer, loaded=loaded)
     if args.out:
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report["metrics"], indent=2) if args.json else format_metrics(report))
+        Path(args.out).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", errors="backslashreplace")
+    write_line(json.dumps(report["metrics"], indent=2) if args.json else format_metrics(report))
     return 0

@@ -21,6 +21,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from PIL import Image
+
 from ..errors import InputError
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -58,6 +60,29 @@ class _Checker:
         if not self.skip_bad:
             raise InputError(f"{self.source}: {where}: {why} (fix the entry, or pass --skip-bad to skip such entries)")
         self.skipped += 1
+
+
+def image_problem(file: Path, thorough: bool = False) -> str | None:
+    """Why an image file cannot be used (missing, empty, not an image; with `thorough`, also cut short or otherwise
+    undecodable), or None. Opening reads only the header; `thorough` decodes the whole image."""
+    if not file.is_file():
+        return f"image file {file} does not exist"
+    if file.stat().st_size == 0:
+        return f"image file {file} is empty"
+    try:
+        with Image.open(file) as image:
+            if thorough:
+                image.load()
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
+        return f"image file {file} cannot be read ({' '.join(str(e).split())})"
+    return None
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: cannot read it as UTF-8 text ({e})") from None
 
 
 def _read_json(path: Path) -> object:
@@ -125,8 +150,9 @@ def read_karpathy(
         if not caps:
             check.bad(where, "has no caption")
             continue
-        if rel not in items and not file.is_file():
-            check.bad(where, f"image file {file} does not exist")
+        problem = None if rel in items else image_problem(file, skip_bad)
+        if problem:
+            check.bad(where, problem)
             continue
         items.setdefault(rel, Item(file, rel)).captions.extend(caps)
     return Loaded(list(items.values()), check.skipped, str(path))
@@ -159,7 +185,7 @@ def read_folder(path: str | Path, skip_bad: bool = False) -> Loaded:
     items = []
     meta = root / "metadata.jsonl"
     if meta.is_file():
-        for n, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
+        for n, line in enumerate(_read_text(meta).splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -170,16 +196,19 @@ def read_folder(path: str | Path, skip_bad: bool = False) -> Loaded:
             caps = _as_texts(e.get("text", e.get("caption"))) if isinstance(e, dict) else None
             if not isinstance(e, dict) or not isinstance(e.get("file_name"), str) or not caps:
                 check.bad(f"metadata.jsonl line {n}", "needs 'file_name' and 'text'")
-            elif not (root / e["file_name"]).is_file():
-                check.bad(f"metadata.jsonl line {n}", f"image file {root / e['file_name']} does not exist")
+            elif problem := image_problem(root / e["file_name"], skip_bad):
+                check.bad(f"metadata.jsonl line {n}", problem)
             else:
                 items.append(Item(root / e["file_name"], e["file_name"], caps))
         return Loaded(items, check.skipped, str(root))
     for file in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS):
         txt = file.with_suffix(".txt")
-        caps = _as_texts(txt.read_text(encoding="utf-8").splitlines()) if txt.is_file() else []
+        caps = _as_texts(_read_text(txt).splitlines()) if txt.is_file() else []
         if not caps:
             check.bad(str(file.relative_to(root)), f"no captions ({txt.name} is missing or empty)")
+            continue
+        if problem := image_problem(file, skip_bad):
+            check.bad(str(file.relative_to(root)), problem)
             continue
         items.append(Item(file, str(file.relative_to(root)), caps))
     if not items and not check.skipped:

@@ -10,13 +10,15 @@ protocols:
 - VQA accuracy after the VQA answer normalisation.
 
 BLIP and BLIP-2 go through the same protocols and the models' public methods. Which tasks a model gets depends on
-its parts (`NEEDS`): BLIP-2 retrieval checkpoints (Blip2ForImageTextRetrieval) get retrieval and grounding, BLIP-2
-generation checkpoints (Blip2ForConditionalGeneration) captioning and VQA; the rest is reported as skipped.
+its capabilities (`NEEDS`, asked of the model's capability table): BLIP-2 retrieval checkpoints
+(Blip2ForImageTextRetrieval) get retrieval and grounding, BLIP-2 generation checkpoints
+(Blip2ForConditionalGeneration) captioning and VQA; the rest is reported as skipped with the table's reason.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -24,7 +26,8 @@ from torch import Tensor
 from tqdm import tqdm
 
 from ..base import BlipBase
-from ..data.readers import Item, load_items
+from ..data.readers import Item, Loaded, load_items
+from ..errors import InputError
 from ..tasks.common import itc_scores
 from .metrics import bleu, cider_d, recall_at, vqa_accuracy
 from .scene_metrics import colour_shape_accuracy, pointing_accuracy
@@ -120,45 +123,118 @@ def _boxes_for(data: str | Path, split: str, boxes: str | Path | None) -> dict[s
     return None
 
 
-# The parts each task needs, by model family, and what "skipped" says when one is missing.
-_ITC_ITM = "the model has no ITC/ITM heads"
-_LM = "the model has no language model (Blip2ForConditionalGeneration checkpoints have one)"
-NEEDS: dict[str, dict[str, tuple[tuple[str, ...], str]]] = {
-    "BLIP": {
-        "retrieval": (("vision_proj", "text_proj", "itm_head"), _ITC_ITM),
-        "caption": (("text_decoder",), "the model has no captioning decoder"),
-        "vqa": (("text_encoder", "text_decoder"), "the model has no VQA heads"),
-        "grounding": (("itm_head",), "the model has no ITM head"),
-    },
-    "BLIP-2": {
-        "retrieval": (("vision_projection", "text_projection", "embeddings", "itm_head"),
-                      _ITC_ITM + " (Blip2ForImageTextRetrieval checkpoints have them)"),
-        "caption": (("language_model",), _LM),
-        "vqa": (("language_model",), _LM),
-        "grounding": (("itm_head",), "the model has no ITM head (Blip2ForImageTextRetrieval checkpoints have one)"),
-    },
+# The capabilities each task needs (see `config.CAPABILITIES`); the model's capability table says why one is missing.
+NEEDS: dict[str, tuple[str, ...]] = {
+    "retrieval": ("itc", "itm"),
+    "caption": ("caption",),
+    "vqa": ("vqa",),
+    "grounding": ("ground",),
 }
 
 
 def _unable(model: BlipBase, task: str) -> str | None:
-    """Why `model` cannot do `task`, or None when it can."""
-    parts, why = NEEDS[model.family][task]
-    if not all(model.has(p) for p in parts):
-        return why
-    if model.family == "BLIP" and task == "caption" and model.has("text_encoder") and not model.has("vision_proj"):
-        return why  # a VQA checkpoint: its decoder reads the question encoder's states, not the image
+    """Why `model` cannot do `task` ("cannot <capability>: <reason>"), or None when it can."""
+    from ..config import CAPABILITIES
+
+    for capability in NEEDS[task]:
+        if why := model.config.unable(capability):
+            return f"cannot {CAPABILITIES[capability]}: {why}"
     return None
 
 
-@torch.no_grad()
-def _features(model: BlipBase, items: list[Item], batch_size: int) -> tuple[Tensor, Tensor]:
-    """Preprocessed pixels (N, 3, H, W) and image features (N, 1 + P, W) of every item."""
-    pix, feats = [], []
+def _features(model: BlipBase, items: list[Item], batch_size: int, skip_bad: bool) -> tuple[list[Item], Tensor, Tensor]:
+    """The items whose images can be read, their preprocessed pixels (N, 3, H, W) and image features (N, 1 + P, W).
+
+    An image that cannot be decoded (truncated, not an image) is an InputError naming the entry, or with `skip_bad`
+    is left out (the caller counts what is missing).
+    """
+    kept, pix, feats = [], [], []
     for s in tqdm(range(0, len(items), batch_size), desc="eval/images", leave=False):
-        p = model.pixels([it.image for it in items[s : s + batch_size]])
-        pix.append(p)
-        feats.append(model.image_features(p))
-    return torch.cat(pix), torch.cat(feats)
+        chunk = []
+        for it in items[s : s + batch_size]:
+            try:
+                chunk.append(model.pixels([it.image]))
+            except InputError as e:
+                if not skip_bad:
+                    raise InputError(f"entry {it.key}: {e} (or pass --skip-bad to skip such entries)") from None
+                continue
+            kept.append(it)
+        if chunk:
+            with torch.no_grad():
+                pix.append(torch.cat(chunk))
+                feats.append(model.image_features(pix[-1]))
+    if not kept:
+        raise InputError("none of the images could be read")
+    return kept, torch.cat(pix), torch.cat(feats)
+
+
+@dataclass
+class _Run:
+    """One evaluation: the items with their images and features, and the report being filled in."""
+
+    model: BlipBase
+    items: list[Item]
+    images: Tensor  # what caption() and answer() take: BLIP-2 image features, BLIP pixels
+    feats: Tensor
+    objects: list | None  # each item's boxes (scenes data or --boxes), or None
+    batch_size: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    report: dict = field(default_factory=dict)
+
+    def batches(self, n: int, desc: str):
+        """Start offsets of batches over `n` rows, with a progress bar."""
+        return tqdm(range(0, n, self.batch_size), desc=desc, leave=False)
+
+
+def _retrieval(run: _Run, k: int) -> None:
+    texts = [c for it in run.items for c in it.captions]
+    owner = [i for i, it in enumerate(run.items) for _ in it.captions]
+    run.metrics.update(retrieval(run.model, run.feats, texts, owner, k))
+    run.counts["retrieval_texts"] = len(texts)
+
+
+def _captions(run: _Run, num_beams: int) -> None:
+    caps: list[str] = []
+    for s in run.batches(len(run.items), "eval/captions"):
+        caps += run.model.caption(run.images[s : s + run.batch_size], num_beams=num_beams, min_new_tokens=1)
+    refs = [it.captions for it in run.items]
+    run.metrics["BLEU-4"] = 100.0 * bleu(caps, refs)
+    run.metrics["CIDEr"] = 100.0 * cider_d(caps, refs)
+    if run.objects is not None and all(o is not None for o in run.objects):
+        acc = colour_shape_accuracy(caps, run.objects)
+        run.metrics["caption_colour_shape_acc"] = acc["colour_shape_acc"]
+        run.metrics["caption_coverage"] = acc["coverage"]
+        run.metrics["caption_all_true"] = acc["all_true"]
+    run.report["captions"] = [{"image": it.key, "caption": c} for it, c in zip(run.items, caps, strict=True)]
+
+
+def _vqa(run: _Run, qa: list[tuple[int, str, list[str]]]) -> None:
+    preds: list[str] = []
+    for s in run.batches(len(qa), "eval/vqa"):
+        chunk = qa[s : s + run.batch_size]
+        rows = torch.tensor([i for i, _, _ in chunk], device=run.images.device)
+        preds += run.model.answer(run.images[rows], [q for _, q, _ in chunk], num_beams=1)
+    run.metrics["VQA_acc"] = vqa_accuracy(preds, [a for _, _, a in qa])
+    run.counts["questions"] = len(qa)
+    run.report["answers"] = [{"image": run.items[i].key, "question": q, "answer": p, "truth": a}
+                             for (i, q, a), p in zip(qa, preds, strict=True)]
+
+
+def _grounding(run: _Run, layer: int | None) -> None:
+    acc, n = pointing_accuracy(run.model, [it.image for it in run.items], run.objects, layer)
+    run.metrics["pointing_acc"] = acc
+    run.counts["grounding_phrases"] = n
+
+
+def _check_layer(model: BlipBase, layer: int | None) -> None:
+    """An InputError for a grounding `layer` the model does not have, before any work."""
+    if layer is not None:
+        from ..tasks.attention import GROUND_STACKS, find_stack, resolve_layer
+
+        part, stack = find_stack(model, GROUND_STACKS, "ground")
+        resolve_layer(model, stack, layer, part)
 
 
 def evaluate(
@@ -175,76 +251,44 @@ def evaluate(
     num_beams: int = 3,
     skip_bad: bool = False,
     layer: int | None = None,
+    loaded: Loaded | None = None,
 ) -> dict:
     """Metrics of a BLIP or BLIP-2 `model` on a split; returns {"metrics": {...}, "counts": {...}, "captions": [...],
-    "answers": [...]}. `layer`: the cross-attention layer grounding reads (None: the model's default).
+    "answers": [...]}. `layer`: the cross-attention layer grounding reads (None: the model's default); `loaded`: the
+    items already read from `data` (read here when None). With `skip_bad`, entries whose image cannot be read are
+    left out and counted in "skipped_entries".
 
     Tasks the model or the data cannot do are reported under "skipped" with the reason.
     """
-    loaded = load_items(data, split, image_root, vqa, skip_bad)
-    items = loaded.items[:limit] if limit else loaded.items
-    model.eval()
-    pixels, feats = _features(model, items, batch_size)
-    # BLIP-2 captions and answers from the features computed once; BLIP's caption() and answer() take pixels
-    images = feats if model.family == "BLIP-2" else pixels
-    metrics: dict[str, float] = {}
-    counts: dict[str, int] = {"images": len(items), "skipped_entries": loaded.skipped}
-    skipped: dict[str, str] = {}
-    report: dict = {"model": model.name_or_path, "data": str(data), "split": split}
+    if loaded is None:
+        loaded = load_items(data, split, image_root, vqa, skip_bad)
+    if not _unable(model, "grounding"):
+        _check_layer(model, layer)
     scene_boxes = _boxes_for(data, split, boxes)
-    objects = [scene_boxes.get(it.key) for it in items] if scene_boxes else None
-
-    if "retrieval" in tasks:
-        if why := _unable(model, "retrieval"):
-            skipped["retrieval"] = why
-        else:
-            texts = [c for it in items for c in it.captions]
-            owner = [i for i, it in enumerate(items) for _ in it.captions]
-            metrics.update(retrieval(model, feats, texts, owner, k))
-            counts["retrieval_texts"] = len(texts)
-    if "caption" in tasks:
-        if why := _unable(model, "caption"):
-            skipped["caption"] = why
-        else:
-            caps = []
-            for s in tqdm(range(0, len(items), batch_size), desc="eval/captions", leave=False):
-                caps += model.caption(images[s : s + batch_size], num_beams=num_beams, min_new_tokens=1)
-            refs = [it.captions for it in items]
-            metrics["BLEU-4"] = 100.0 * bleu(caps, refs)
-            metrics["CIDEr"] = 100.0 * cider_d(caps, refs)
-            if objects is not None and all(o is not None for o in objects):
-                acc = colour_shape_accuracy(caps, objects)
-                metrics["caption_colour_shape_acc"] = acc["colour_shape_acc"]
-                metrics["caption_coverage"] = acc["coverage"]
-                metrics["caption_all_true"] = acc["all_true"]
-            report["captions"] = [{"image": it.key, "caption": c} for it, c in zip(items, caps, strict=True)]
-    if "vqa" in tasks:
-        qa = [(i, q, a) for i, it in enumerate(items) for q, a in it.qa]
-        if not qa:
-            skipped["vqa"] = "the data has no question-answer pairs"
-        elif why := _unable(model, "vqa"):
-            skipped["vqa"] = why
-        else:
-            preds = []
-            for s in tqdm(range(0, len(qa), batch_size), desc="eval/vqa", leave=False):
-                chunk = qa[s : s + batch_size]
-                rows = torch.tensor([i for i, _, _ in chunk], device=images.device)
-                preds += model.answer(images[rows], [q for _, q, _ in chunk], num_beams=1)
-            metrics["VQA_acc"] = vqa_accuracy(preds, [a for _, _, a in qa])
-            counts["questions"] = len(qa)
-            report["answers"] = [{"image": items[i].key, "question": q, "answer": p, "truth": a}
-                                 for (i, q, a), p in zip(qa, preds, strict=True)]
-    if "grounding" in tasks:
-        if objects is None or any(o is None for o in objects):
-            skipped["grounding"] = "no boxes for this data (pass --boxes, or use a scenes dataset)"
-        elif why := _unable(model, "grounding"):
-            skipped["grounding"] = why
-        else:
-            acc, n = pointing_accuracy(model, [it.image for it in items], objects, layer)
-            metrics["pointing_acc"] = acc
-            counts["grounding_phrases"] = n
-    report.update(metrics={k_: round(v, 2) for k_, v in metrics.items()}, counts=counts, skipped=skipped)
-    return report
+    model.eval()
+    wanted = loaded.items[:limit] if limit else loaded.items
+    items, pixels, feats = _features(model, wanted, batch_size, skip_bad)
+    # BLIP-2 captions and answers from the features computed once; BLIP's caption() and answer() take pixels
+    run = _Run(model, items, feats if model.family == "BLIP-2" else pixels, feats,
+               [scene_boxes.get(it.key) for it in items] if scene_boxes else None, batch_size,
+               counts={"images": len(items), "skipped_entries": loaded.skipped + len(wanted) - len(items)},
+               report={"model": model.name_or_path, "data": str(data), "split": split})
+    qa = [(i, q, a) for i, it in enumerate(items) for q, a in it.qa]
+    no_boxes = run.objects is None or any(o is None for o in run.objects)
+    data_lacks = {"vqa": "the data has no question-answer pairs" if not qa else None,
+                  "grounding": "no boxes for this data (pass --boxes, or use a scenes dataset)" if no_boxes else None}
+    steps = {"retrieval": lambda: _retrieval(run, k), "caption": lambda: _captions(run, num_beams),
+             "vqa": lambda: _vqa(run, qa), "grounding": lambda: _grounding(run, layer)}
+    for task, step in steps.items():
+        if task in tasks:
+            why = data_lacks.get(task) or _unable(model, task)
+            if why:
+                run.skipped[task] = why
+            else:
+                step()
+    run.report.update(metrics={k_: round(v, 2) for k_, v in run.metrics.items()}, counts=run.counts,
+                      skipped=run.skipped)
+    return run.report
 
 
 def format_metrics(report: dict) -> str:

@@ -136,7 +136,7 @@ def read_boxes(path: str | Path, flag: str = "--patch-labels") -> dict[str, list
     path = Path(path)
     try:
         data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # ValueError: also bytes that are not UTF-8
         raise InputError(f"{flag} {path}: cannot read a JSON file ({e})") from None
     if not isinstance(data, list):
         raise InputError(f"{flag} {path}: expected a list of {{'image', 'objects'}} entries")
