@@ -318,78 +318,110 @@ class _StopFlag:
 # --------------------------------------------------------------------------------------------------- loop
 
 
-def train(
-    model: Blip | Recipe, data: list[Item] | str, cfg: TrainConfig, device: str | torch.device | None = None
-) -> TrainResult:
-    """Train a BLIP model (or what a `Recipe` describes) in place on `data` (items, or a tar-shard spec) and write
-    the model to `cfg.out` in Hub format."""
-    recipe = model if isinstance(model, Recipe) else blip_recipe(model, cfg)
+@dataclass
+class _Session:
+    """What one `train` call runs with: the objectives on their device, optimiser, schedule, precision, and where
+    the run starts."""
+
+    recipe: Recipe
+    objectives: nn.Module
+    runner: nn.Module  # the objectives, wrapped in DistributedDataParallel when there are several processes
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    autocast: object
+    scaler: torch.amp.GradScaler | None
+    rank: int
+    world: int
+    device: torch.device
+    out: Path
+    start: int
+    seconds: float
+
+
+def _session(recipe: Recipe, cfg: TrainConfig, device: str | torch.device | None) -> _Session:
+    """Set up a run: processes, output folder, optimiser and schedule, and the state of a run being resumed."""
     rank, world, dev = distributed_setup(device)
     out = Path(cfg.out)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     objectives = recipe.objectives.to(dev).train()
     opt = make_optimizer(objectives, cfg.lr, cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_factor(s, cfg.warmup, cfg.steps, cfg.min_lr_ratio)
-    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.warmup, cfg.steps, cfg.min_lr_ratio))
     autocast, scaler = autocast_for(dev, cfg.amp)
     torch.manual_seed(cfg.seed + rank)
     start, seconds = 0, 0.0
-    state_path = out / STATE_FILE
-    if cfg.resume and state_path.is_file():
-        start, seconds = load_state(state_path, objectives, opt, sched, scaler, rank)
+    if cfg.resume and (out / STATE_FILE).is_file():
+        start, seconds = load_state(out / STATE_FILE, objectives, opt, sched, scaler, rank)
     runner: nn.Module = objectives
     if world > 1:
         runner = nn.parallel.DistributedDataParallel(
             objectives, device_ids=[dev.index] if dev.type == "cuda" else None,
             find_unused_parameters=recipe.find_unused_parameters,
         )
-    end = cfg.steps if cfg.stop_after is None else min(cfg.steps, start + cfg.stop_after)
-    log = open(out / LOG_FILE, "a") if rank == 0 else None  # noqa: SIM115 - closed in finally
-    bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", disable=rank != 0 or not cfg.progress,
-               dynamic_ncols=True)
+    return _Session(recipe, objectives, runner, opt, sched, autocast, scaler, rank, world, dev, out, start, seconds)
+
+
+def _log_row(run: _Session, step: int, values: dict[str, float], rate: float, seconds: float) -> str:
+    """One line of train_log.jsonl."""
+    temp = {"temp": run.objectives.temp.item()} if hasattr(run.objectives, "temp") else {}
+    row = {"step": step, "lr": run.sched.get_last_lr()[0], **temp, f"{run.recipe.unit}_per_s": round(rate, 1),
+           "seconds": round(seconds, 1), **{k: round(v, 4) for k, v in values.items()}}
+    return json.dumps(row)
+
+
+def _all_stop(run: _Session, stopping: bool) -> bool:
+    """Whether to stop now: every process must agree to stop at the same step."""
+    if run.world == 1:
+        return stopping
+    flag = torch.tensor([float(stopping)], device=run.device)
+    dist.all_reduce(flag)
+    return bool(flag.item())
+
+
+def train(
+    model: Blip | Recipe, data: list[Item] | str, cfg: TrainConfig, device: str | torch.device | None = None
+) -> TrainResult:
+    """Train a BLIP model (or what a `Recipe` describes) in place on `data` (items, or a tar-shard spec) and write
+    the model to `cfg.out` in Hub format."""
+    run = _session(model if isinstance(model, Recipe) else blip_recipe(model, cfg), cfg, device)
+    seconds = run.seconds
+    end = cfg.steps if cfg.stop_after is None else min(cfg.steps, run.start + cfg.stop_after)
+    log = open(run.out / LOG_FILE, "a") if run.rank == 0 else None  # noqa: SIM115 - closed in finally
+    bar = tqdm(total=cfg.steps, initial=run.start, desc="train", unit="step",
+               disable=run.rank != 0 or not cfg.progress, dynamic_ncols=True)
     running: dict[str, float] = {}
     last: dict[str, float] = {}
-    step, interrupted = start, False
+    step, interrupted = run.start, False
     try:
         with _StopFlag() as stop:
-            it = batches(data, recipe, cfg, start, rank, world) if start < end else iter(())
+            it = batches(data, run.recipe, cfg, run.start, run.rank, run.world) if run.start < end else iter(())
             while step < end:
                 t0 = time.perf_counter()
-                batch = {k: v.to(dev, non_blocking=True) for k, v in next(it).items()}
-                values = _update(runner, batch, opt, sched, scaler, autocast, cfg.loss_weights, cfg.clip)
+                batch = {k: v.to(run.device, non_blocking=True) for k, v in next(it).items()}
+                last = _update(run.runner, batch, run.opt, run.sched, run.scaler, run.autocast, cfg.loss_weights,
+                               cfg.clip)
                 step += 1
                 dt = time.perf_counter() - t0
                 seconds += dt
-                for k, v in values.items():
+                for k, v in last.items():
                     running[k] = 0.9 * running.get(k, v) + 0.1 * v
-                last = values
-                rate = len(next(iter(batch.values()))) * world / dt  # the first entry has a row per example
+                rate = len(next(iter(batch.values()))) * run.world / dt  # the first entry has a row per example
                 bar.update(1)
-                bar.set_postfix({"loss": f"{running['loss']:.3f}", f"{recipe.unit}_s": f"{rate:.0f}"})
+                bar.set_postfix({"loss": f"{running['loss']:.3f}", f"{run.recipe.unit}_s": f"{rate:.0f}"})
                 if log is not None and (step % cfg.log_every == 0 or step == end):
-                    temp = {"temp": objectives.temp.item()} if hasattr(objectives, "temp") else {}
-                    row = {"step": step, "lr": sched.get_last_lr()[0], **temp,
-                           f"{recipe.unit}_per_s": round(rate, 1), "seconds": round(seconds, 1),
-                           **{k: round(v, 4) for k, v in values.items()}}
-                    log.write(json.dumps(row) + "\n")
+                    log.write(_log_row(run, step, last, rate, seconds) + "\n")
                     log.flush()
-                stopping = stop.set
-                if world > 1:  # every process must agree to stop at the same step
-                    flag = torch.tensor([float(stopping)], device=dev)
-                    dist.all_reduce(flag)
-                    stopping = bool(flag.item())
-                if step % cfg.save_every == 0 or step == end or stopping:
-                    _checkpoint(out, objectives, opt, sched, scaler, step, seconds, cfg, world, rank, recipe.save)
-                if stopping:
-                    interrupted = True
+                interrupted = _all_stop(run, stop.set)
+                if step % cfg.save_every == 0 or step == end or interrupted:
+                    _checkpoint(run.out, run.objectives, run.opt, run.sched, run.scaler, step, seconds, cfg,
+                                run.world, run.rank, run.recipe.save)
+                if interrupted:
                     break
     finally:
         bar.close()
         if log is not None:
             log.close()
-    objectives.eval()
+    run.objectives.eval()
     return TrainResult(step, last, seconds, interrupted)
 
 
