@@ -223,53 +223,66 @@ def _blip_model(args: argparse.Namespace, data):
 
 def _to_train(args: argparse.Namespace, data, objectives: tuple[str, ...]):
     """What the run trains: a BLIP model (the default stage) or the `Recipe` of a BLIP-2 stage or the LM."""
-    import blipkit
-
     if args.stage == "blip":
         return _blip_model(args, data)
-    if args.stage == "tags":
-        from ..train.tags import read_boxes, read_labels, tags_recipe
+    stages = {"tags": _tags_stage, "lm": _lm_stage, "qformer1": _qformer1_stage, "qformer2": _qformer2_stage}
+    return stages[args.stage](args, data, objectives)
 
-        if isinstance(data, str):
-            raise InputError("--stage tags reads every caption of an image: give a dataset dir or JSON, not tar "
-                             "shards")
-        def source(name: str) -> Path:
-            return Path(args.data) / "annotations" / f"{args.split}_boxes.json" if name == "boxes" else Path(name)
 
-        labels = read_labels(source(args.tags)) if args.tags else None
-        boxes = read_boxes(source(args.patch_labels)) if args.patch_labels else None
-        return tags_recipe(_blip_model(args, data), data, min_count=args.tag_min_count or 20, labels=labels,
-                           boxes=boxes)
-    if args.stage == "lm":
-        from ..processing import Tokenizer
-        from ..train.lm import LM_ARCHS, build_bpe_tokenizer, lm_recipe, scratch_lm
-        from ..train.loop import STATE_FILE
+def _tags_stage(args: argparse.Namespace, data, objectives: tuple[str, ...]):
+    from ..train.tags import read_boxes, read_labels, tags_recipe
 
-        if isinstance(data, str):
-            raise InputError("--stage lm builds its tokenizer from the captions: give a dataset dir or JSON, not tar "
-                             "shards")
-        arch = args.lm_arch or "small"
-        if arch not in LM_ARCHS:
-            raise InputError(f"--lm-arch {arch}: unknown (known: {', '.join(LM_ARCHS)})")
-        out = Path(args.out)
-        if not args.no_resume and (out / STATE_FILE).is_file() and (out / "tokenizer.json").is_file():
-            tokenizer = Tokenizer.from_dir(out)  # resuming: the vocabulary the checkpoint was trained with
-        else:
-            tokenizer = build_bpe_tokenizer([c for it in data for c in it.captions], args.vocab_size or 768,
-                                            max_length=LM_ARCHS[arch].positions)
-        return lm_recipe(scratch_lm(arch, tokenizer, seed=args.seed), tokenizer, args.text_length or 64)
-    from ..train.blip2_stages import stage1_model, stage1_recipe, stage2_model, stage2_recipe
+    if isinstance(data, str):
+        raise InputError("--stage tags reads every caption of an image: give a dataset dir or JSON, not tar shards")
 
-    if args.stage == "qformer1":
-        if not args.init_vision:
-            raise InputError("--stage qformer1 takes its frozen image encoder from a BLIP model: pass --init-vision "
-                             "NAME_OR_DIR (e.g. scenes-blip)")
-        blip = blipkit.load(args.init_vision)
-        if blip.family != "BLIP":
-            raise InputError(f"--init-vision {args.init_vision} is a {blip.family} model; pass a BLIP model")
-        model = stage1_model(blip, args.qformer_layers, args.num_queries or 8, args.qformer_width, args.text_length,
-                             args.qformer_init or "text-encoder", seed=args.seed)
-        return stage1_recipe(model, objectives, args.grad_checkpointing)
+    def source(name: str) -> Path:
+        return Path(args.data) / "annotations" / f"{args.split}_boxes.json" if name == "boxes" else Path(name)
+
+    labels = read_labels(source(args.tags)) if args.tags else None
+    boxes = read_boxes(source(args.patch_labels)) if args.patch_labels else None
+    return tags_recipe(_blip_model(args, data), data, min_count=args.tag_min_count or 20, labels=labels, boxes=boxes)
+
+
+def _lm_stage(args: argparse.Namespace, data, objectives: tuple[str, ...]):
+    from ..processing import Tokenizer
+    from ..train.lm import LM_ARCHS, build_bpe_tokenizer, lm_recipe, scratch_lm
+    from ..train.loop import STATE_FILE
+
+    if isinstance(data, str):
+        raise InputError("--stage lm builds its tokenizer from the captions: give a dataset dir or JSON, not tar "
+                         "shards")
+    arch = args.lm_arch or "small"
+    if arch not in LM_ARCHS:
+        raise InputError(f"--lm-arch {arch}: unknown (known: {', '.join(LM_ARCHS)})")
+    out = Path(args.out)
+    if not args.no_resume and (out / STATE_FILE).is_file() and (out / "tokenizer.json").is_file():
+        tokenizer = Tokenizer.from_dir(out)  # resuming: the vocabulary the checkpoint was trained with
+    else:
+        tokenizer = build_bpe_tokenizer([c for it in data for c in it.captions], args.vocab_size or 768,
+                                        max_length=LM_ARCHS[arch].positions)
+    return lm_recipe(scratch_lm(arch, tokenizer, seed=args.seed), tokenizer, args.text_length or 64)
+
+
+def _qformer1_stage(args: argparse.Namespace, data, objectives: tuple[str, ...]):
+    import blipkit
+
+    from ..train.blip2_stages import stage1_model, stage1_recipe
+
+    if not args.init_vision:
+        raise InputError("--stage qformer1 takes its frozen image encoder from a BLIP model: pass --init-vision "
+                         "NAME_OR_DIR (e.g. scenes-blip)")
+    blip = blipkit.load(args.init_vision)
+    if blip.family != "BLIP":
+        raise InputError(f"--init-vision {args.init_vision} is a {blip.family} model; pass a BLIP model")
+    model = stage1_model(blip, args.qformer_layers, args.num_queries or 8, args.qformer_width, args.text_length,
+                         args.qformer_init or "text-encoder", seed=args.seed)
+    return stage1_recipe(model, objectives, args.grad_checkpointing)
+
+
+def _qformer2_stage(args: argparse.Namespace, data, objectives: tuple[str, ...]):
+    import blipkit
+
+    from ..train.blip2_stages import stage2_model, stage2_recipe
     from ..train.lm import load_language_model
 
     if not args.init:
