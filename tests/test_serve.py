@@ -370,7 +370,9 @@ def test_any_caption_options_are_an_answer_or_a_422(client, options):
 
 def test_search_the_served_index(model, tmp_path):
     pytest.importorskip("lance")
-    index = blipkit.Index(tmp_path / "db", model)
+    from blipkit.collections import Index
+
+    index = Index(tmp_path / "db", model)
     index.add([EXAMPLES], workers=0)
     with TestClient(create_app(model, index=index)) as c:
         assert c.get("/api/models").json()["search"] is True
