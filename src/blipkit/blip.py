@@ -2,7 +2,8 @@
 
 Which heads exist is decided by the checkpoint (`config.parts`): the retrieval checkpoints have ITC projections
 and the ITM head, captioning ones a decoder, VQA ones an image-grounded question encoder and an answer decoder.
-Every method checks the parts it needs and names the checkpoints that have them.
+Every method checks its capability in the family's table (`BlipConfig.unable`); a refusal says why and names the
+checkpoints that can.
 
 Token 0 of ITM and VQA inputs: the reference Hugging Face port keeps `[CLS]` there; the original BLIP code puts
 `[ENC]`. `enc_token = False` (default) gives the former, which is what the Hub checkpoints are evaluated with.
@@ -16,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import BlipBase, ImageInput, TextInput, as_list
-from .config import BlipConfig, checkpoints_with
+from .base import BlipBase, ImageFeatures, ImageInput, TextInput, check_prompts, text_list
+from .config import BlipConfig
 from .errors import InputError
-from .generate import GenerationConfig, caption_config, generate, with_scores
+from .generate import GenerationConfig, caption_config, check_count, generate, generation_config, with_scores
 from .text import TextLMHeadModel, TextModel
 from .vision import VisionModel
 
@@ -38,8 +39,7 @@ class Blip(BlipBase):
             self.text_encoder = TextModel(tc)
         if "text_decoder" in parts:
             # The VQA answer decoder attends to the question encoder's states, the captioner to image patches.
-            width = tc.hidden_size if "text_encoder" in parts and "vision_proj" not in parts else tc.encoder_hidden_size
-            self.text_decoder = TextLMHeadModel(dataclasses.replace(tc, encoder_hidden_size=width))
+            self.text_decoder = TextLMHeadModel(dataclasses.replace(tc, encoder_hidden_size=config.decoder_width))
         if "vision_proj" in parts:
             self.vision_proj = nn.Linear(vc.hidden_size, config.image_text_hidden_size)
             self.text_proj = nn.Linear(tc.hidden_size, config.image_text_hidden_size)
@@ -48,13 +48,14 @@ class Blip(BlipBase):
         self.enc_token = False
         self.itm_chunk = 256  # texts per forward pass in `match`
 
-    def checkpoints_with(self, part: str) -> list[str]:
-        return checkpoints_with(part)
-
     # ----------------------------------------------------------------- features
-    def image_features(self, images: ImageInput) -> Tensor:
-        """Patch features (N, 1 + P, H) after the ViT's final LayerNorm: what the text stack attends to."""
-        return self.vision_model(self.pixels(images))
+    @torch.inference_mode()
+    def image_features(self, images: ImageInput) -> ImageFeatures:
+        """Patch features (N, 1 + P, H) after the ViT's final LayerNorm: what the text stack attends to.
+
+        The result is an `ImageFeatures` tensor, which every method taking images accepts in their place.
+        """
+        return self.vision_model(self.pixels(images)).as_subclass(ImageFeatures)
 
     def _text_ids(self, texts: TextInput, grounded: bool) -> tuple[Tensor, Tensor]:
         ids, mask = self.tokens(texts, max_length=self.config.text_config.max_position_embeddings)
@@ -63,39 +64,37 @@ class Blip(BlipBase):
             ids[:, 0] = self.tokenizer.enc_token_id
         return ids, mask
 
-    def _feats(self, images: ImageInput | Tensor) -> Tensor:
-        """Images, or already computed features (N, 1 + P, H), -> features."""
-        if (
-            isinstance(images, Tensor)
-            and images.dim() == 3
-            and images.shape[-1] == self.config.vision_config.hidden_size
-        ):
-            return images.to(self.device, self.dtype)
-        return self.image_features(images)
-
+    @torch.inference_mode()
     def encode_images(self, images: ImageInput) -> Tensor:
         """L2-normalised ITC image embeddings (N, D)."""
-        self.require("encode images", "vision_proj")
+        self.require("itc")
         return F.normalize(self.vision_proj(self._feats(images)[:, 0]), dim=-1)
 
+    @torch.inference_mode()
     def encode_texts(self, texts: TextInput) -> Tensor:
         """L2-normalised ITC text embeddings (N, D) from the unimodal text encoder."""
-        self.require("encode texts", "text_proj")
+        self.require("itc")
         ids, mask = self._text_ids(texts, grounded=False)
         h, _ = self.text_encoder(ids, mask)
         return F.normalize(self.text_proj(h[:, 0]), dim=-1)
 
+    @torch.inference_mode()
     def similarity(self, images: ImageInput, texts: TextInput) -> Tensor:
         """ITC cosine similarity (Ni, Nt)."""
         return self.encode_images(images) @ self.encode_texts(texts).t()
 
     # ----------------------------------------------------------------- matching
+    @torch.inference_mode()
     def itm_logits(self, images: ImageInput | Tensor, texts: TextInput) -> Tensor:
-        """ITM head logits (Ni, Nt, 2) for every image-text pair; index 1 is "match".
+        """ITM head logits (Ni, Nt, 2) for every image-text pair; index 1 is "match"."""
+        return self.forward_itm(images, texts)
+
+    def forward_itm(self, images: ImageInput | Tensor, texts: TextInput) -> Tensor:
+        """`itm_logits` with autograd as the caller has it (GradCAM differentiates through it).
 
         Each image's cross-attention keys/values are computed once per layer and shared by all texts.
         """
-        self.require("match images and texts", "itm_head")
+        self.require("itm")
         feats = self._feats(images)
         ids, mask = self._text_ids(texts, grounded=True)
         rows = []
@@ -108,9 +107,10 @@ class Blip(BlipBase):
             rows.append(torch.cat(out))
         return torch.stack(rows)
 
+    @torch.inference_mode()
     def match(self, images: ImageInput | Tensor, texts: TextInput) -> Tensor:
         """ITM match probability (Ni, Nt) for every image-text pair."""
-        return self.itm_logits(images, texts).float().softmax(dim=-1)[..., 1]
+        return self.forward_itm(images, texts).float().softmax(dim=-1)[..., 1]
 
     # ----------------------------------------------------------------- generation
     def _decode(self, context: Tensor, context_mask: Tensor | None, prompt: Tensor, prompt_mask: Tensor, gen):
@@ -139,7 +139,7 @@ class Blip(BlipBase):
         tc = self.config.text_config
         return generate(make_step, prompt, prompt_mask, gen, eos_token_id=tc.sep_token_id, pad_token_id=tc.pad_token_id)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def caption(
         self,
         images: ImageInput,
@@ -157,18 +157,21 @@ class Blip(BlipBase):
     ) -> list[str] | list[list[str]] | list[tuple[str, float]]:
         """Captions for each image (the prompt, if any, starts each caption).
 
-        With `num_captions > 1` each image gets a list. With `return_scores=True` each caption comes as
-        `(text, log_probability)`, the summed log-probability of its generated tokens.
+        With `num_captions > 1` each image gets a list of that many: the best beams (needs `num_beams >=
+        num_captions`) or, with `do_sample=True`, independent samples. With `return_scores=True` each caption comes
+        as `(text, log_probability)`, the summed log-probability of its generated tokens.
         """
-        self.require("caption", "text_decoder")
-        feats = self.image_features(images)
+        self.require("caption")
+        gen = caption_config(num_beams, max_new_tokens, min_new_tokens, repetition_penalty, do_sample, temperature,
+                             top_p, num_captions, length_penalty, return_scores)
+        prompts = check_prompts(prompt)
+        feats = self._feats(images)
         n = feats.shape[0]
-        prompts = [prompt or ""] * n if prompt is None or isinstance(prompt, str) else list(prompt)
+        prompts = prompts if isinstance(prompt, (list, tuple)) else prompts * n
         if len(prompts) != n:
             raise InputError(f"got {len(prompts)} prompts for {n} images")
         ids, mask = self._prompt_ids(prompts)
-        gen = caption_config(num_beams, max_new_tokens, min_new_tokens, repetition_penalty, do_sample, temperature,
-                             top_p, num_captions, length_penalty)
+        self._check_room(int(mask.sum(-1).max()), gen)
         out = self._decode(feats, None, ids, mask, gen)
         k = num_captions
         texts = []
@@ -178,12 +181,21 @@ class Blip(BlipBase):
             texts.append(self.tokenizer.decode(full))
         return with_scores(texts, out, k, n, return_scores)
 
-    def _prompt_ids(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
+    def _check_room(self, used: int, gen: GenerationConfig) -> None:
+        """Refuse decoding past the text decoder's position table: `used` prompt positions + max_new_tokens."""
+        room, m = self.config.text_config.max_position_embeddings, gen.max_new_tokens
+        if used + m > room:
+            fix = f"lower max_new_tokens to at most {room - used}" if room > used else ""
+            fix += (" or " if fix else "") + "shorten the prompt" if used > 1 else ""
+            raise InputError(f"max_new_tokens={m} does not fit: {used} prompt tokens (with the start token) + {m} = "
+                             f"{used + m} positions, more than the text decoder's {room}; {fix}")
+
+    def _prompt_ids(self, prompts: list[str | None]) -> tuple[Tensor, Tensor]:
         """Decoder prompts: `[DEC]` + prompt tokens (no `[SEP]`), left-padded so every row continues at its end."""
         bos = self.config.text_config.bos_token_id
         rows = []
         for p in prompts:
-            if p.strip():
+            if p is not None:
                 ids, mask = self.tokens(p, max_length=self.config.text_config.max_position_embeddings)
                 rows.append([bos] + ids[0][mask[0].bool()].tolist()[1:-1])
             else:
@@ -195,21 +207,21 @@ class Blip(BlipBase):
         return ids, mask
 
     def _question_states(self, images: ImageInput, questions: TextInput) -> tuple[Tensor, Tensor]:
-        self.require("answer questions", "text_encoder", "text_decoder")
-        feats = self.image_features(images)
-        qs = as_list(questions)
+        self.require("vqa")
+        qs = text_list(questions, "questions", "question")
+        feats = self._feats(images)
         if len(qs) != feats.shape[0]:
             raise InputError(f"got {len(qs)} questions for {feats.shape[0]} images (image i goes with question i)")
         ids, mask = self._text_ids(qs, grounded=True)
         h, _ = self.text_encoder(ids, mask, context=feats)
         return h, mask
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def answer(
         self,
         images: ImageInput,
         questions: TextInput,
-        answers: list[str] | None = None,
+        answers: str | list[str] | None = None,
         num_beams: int = 3,
         max_new_tokens: int = 10,
         min_new_tokens: int = 1,
@@ -220,28 +232,27 @@ class Blip(BlipBase):
 
         Rank mode scores candidates by their log-likelihood under the answer decoder; with more than
         `num_candidates` answers only the ones whose first token is most likely are scored in full.
-        Other keyword options are those of `caption` (do_sample, temperature, top_p, repetition_penalty, ...).
+        Other keyword options: do_sample, temperature, top_p, top_k, repetition_penalty, length_penalty.
         """
+        gen = generation_config("answer", options, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                                num_beams=num_beams)
+        num_candidates = check_count("num_candidates", num_candidates)
+        candidates = None if answers is None else text_list(answers, "answers", "answer")
+        if candidates is None:
+            self._check_room(1, gen)  # the answer decoder starts from one [DEC] token
         states, qmask = self._question_states(images, questions)
-        if answers is not None:
-            return self._rank_answers(states, qmask, answers, num_candidates)
+        if candidates is not None:
+            return self._rank_answers(states, qmask, candidates, num_candidates)
         n = states.shape[0]
         bos = self.config.text_config.bos_token_id
         prompt = torch.full((n, 1), bos, device=self.device)
-        gen = GenerationConfig(
-            max_new_tokens=max_new_tokens,
-            min_new_tokens=min_new_tokens,
-            num_beams=1 if options.get("do_sample") else num_beams,
-            **options,
-        )
         out = self._decode(states, qmask, prompt, torch.ones_like(prompt), gen)
         return [self.tokenizer.decode(t) for t in out.tokens]
 
-    def answer_logprobs(self, states: Tensor, qmask: Tensor, answers: list[str]) -> Tensor:
+    @torch.inference_mode()
+    def answer_logprobs(self, states: Tensor, qmask: Tensor, answers: str | list[str]) -> Tensor:
         """Log-likelihood (Nq, Na) of every answer (with its end token) given each question's states."""
-        if not answers:
-            raise InputError("the answer list is empty")
-        ids, amask = self.tokens(answers)
+        ids, amask = self.tokens(text_list(answers, "answers", "answer"))
         ids = ids.clone()
         ids[:, 0] = self.config.text_config.bos_token_id
         targets = ids[:, 1:].masked_fill(amask[:, 1:] == 0, -100)

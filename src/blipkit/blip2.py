@@ -4,7 +4,8 @@ Generation checkpoints put the 32 query outputs, projected to the language model
 OPT continues `[queries, prompt]`; T5 encodes `[queries, prompt]` and decodes the answer. Retrieval checkpoints
 embed an image as 32 query vectors and a text as one vector (ITC similarity: the best query), and score pairs
 with the ITM head averaged over the query outputs of a joint image-text pass.
-Every method checks the parts it needs and names the checkpoints that have them.
+Every method checks its capability in the family's table (`Blip2Config.unable`); a refusal says why and names the
+checkpoints that can.
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import BlipBase, ImageInput, TextInput, as_list
-from .blip2_config import Blip2Config, checkpoints_with
+from .base import BlipBase, ImageFeatures, ImageInput, TextInput, check_prompts, text_list
+from .blip2_config import Blip2Config
 from .errors import InputError
-from .generate import Generated, GenerationConfig, caption_config, generate, with_scores
+from .generate import Generated, GenerationConfig, caption_config, generate, generation_config, with_scores
 from .lm import OPTForCausalLM, T5ForConditionalGeneration
 from .qformer import QFormer, QFormerEmbeddings
 from .vision import VisionModel
@@ -55,9 +56,6 @@ class Blip2(BlipBase):
             self.itm_head = nn.Linear(qc.hidden_size, 2)
         self.itm_chunk = 128  # texts per Q-Former pass in `match`
 
-    def checkpoints_with(self, part: str) -> list[str]:
-        return checkpoints_with(part)
-
     def keep_float32(self, name: str) -> bool:
         """The query tokens and the Q-Former stay float32 in half-precision models, as in the reference."""
         return name == "query_tokens" or name.startswith("qformer.")
@@ -69,61 +67,69 @@ class Blip2(BlipBase):
         return tuple(f"language_model.{k}" for k in getattr(lm, "unused_checkpoint_keys", ()))
 
     # ----------------------------------------------------------------- features
-    def image_features(self, images: ImageInput) -> Tensor:
-        """Patch features (N, 1 + P, W) after the ViT's final LayerNorm: what the Q-Former attends to."""
-        return self.vision_model(self.pixels(images))
+    @torch.inference_mode()
+    def image_features(self, images: ImageInput) -> ImageFeatures:
+        """Patch features (N, 1 + P, W) after the ViT's final LayerNorm: what the Q-Former attends to.
 
-    def _feats(self, images: ImageInput | Tensor) -> Tensor:
-        """Images, or already computed features (N, 1 + P, W), -> features."""
-        if (
-            isinstance(images, Tensor)
-            and images.dim() == 3
-            and images.shape[-1] == self.config.vision_config.hidden_size
-        ):
-            return images.to(self.device, self.dtype)
-        return self.image_features(images)
+        The result is an `ImageFeatures` tensor, which every method taking images accepts in their place.
+        """
+        return self.vision_model(self.pixels(images)).as_subclass(ImageFeatures)
 
-    def qformer_features(self, images: ImageInput | Tensor) -> Tensor:
-        """The Q-Former's query outputs (N, Q, H), float32 unless the whole model was cast."""
-        feats = self._feats(images)
+    def _query_outputs(self, feats: Tensor) -> Tensor:
         queries = self.query_tokens.expand(feats.shape[0], -1, -1)  # (N, Q, H)
         return self.qformer(queries, queries.shape[1], image=feats)
 
+    @torch.inference_mode()
+    def qformer_features(self, images: ImageInput | Tensor) -> Tensor:
+        """The Q-Former's query outputs (N, Q, H), float32 unless the whole model was cast."""
+        return self._query_outputs(self._feats(images))
+
     def prefix_embeds(self, images: ImageInput | Tensor) -> Tensor:
-        """Query outputs projected to the language model's input width (N, Q, E), in its dtype."""
-        self.require("condition a language model", "language_projection")
-        q = self.qformer_features(images)
+        """Query outputs projected to the language model's input width (N, Q, E), in its dtype.
+
+        Runs with autograd as the caller has it: training the Q-Former differentiates through it.
+        """
+        self.require("generate", "condition a language model")
+        q = self._query_outputs(self._feats(images))
         return self.language_projection(q.to(self.language_projection.weight.dtype))  # (N, Q, E)
 
     # ----------------------------------------------------------------- retrieval
     def _text_ids(self, texts: TextInput) -> tuple[Tensor, Tensor]:
         return self.tokens(texts, max_length=self.config.qformer_config.max_position_embeddings)
 
+    @torch.inference_mode()
     def encode_images(self, images: ImageInput | Tensor) -> Tensor:
         """L2-normalised ITC image embeddings, one per query (N, Q, D)."""
-        self.require("encode images", "vision_projection")
-        q = self.qformer_features(images)
+        self.require("itc")
+        q = self._query_outputs(self._feats(images))
         return F.normalize(self.vision_projection(q.to(self.vision_projection.weight.dtype)), dim=-1)
 
+    @torch.inference_mode()
     def encode_texts(self, texts: TextInput) -> Tensor:
         """L2-normalised ITC text embeddings (N, D): the text-only Q-Former's first token, projected."""
-        self.require("encode texts", "text_projection", "embeddings")
+        self.require("itc")
         ids, mask = self._text_ids(texts)
         h = self.qformer(self.embeddings(ids), 0, mask)  # (N, T, H)
         return F.normalize(self.text_projection(h[:, 0].to(self.text_projection.weight.dtype)), dim=-1)
 
+    @torch.inference_mode()
     def similarity(self, images: ImageInput | Tensor, texts: TextInput) -> Tensor:
         """ITC similarity (Ni, Nt): the cosine of the text with the image's best-matching query."""
         img, txt = self.encode_images(images), self.encode_texts(texts)
         return torch.einsum("iqd,td->iqt", img, txt).max(dim=1).values
 
+    @torch.inference_mode()
     def itm_logits(self, images: ImageInput | Tensor, texts: TextInput) -> Tensor:
-        """ITM head logits (Ni, Nt, 2) for every image-text pair, averaged over the query outputs; 1 is "match".
+        """ITM head logits (Ni, Nt, 2) for every image-text pair, averaged over the query outputs; 1 is "match"."""
+        return self.forward_itm(images, texts)
+
+    def forward_itm(self, images: ImageInput | Tensor, texts: TextInput) -> Tensor:
+        """`itm_logits` with autograd as the caller has it (GradCAM differentiates through it).
 
         Each image's cross-attention keys/values are computed once per layer and shared by all texts; texts go
         through in chunks of similar length, each padded only to its own longest text.
         """
-        self.require("match images and texts", "itm_head", "embeddings")
+        self.require("itm")
         feats = self._feats(images)
         ids, mask = self._text_ids(texts)
         text = self.embeddings(ids)  # (Nt, T, H)
@@ -145,18 +151,17 @@ class Blip2(BlipBase):
                 out[i, rows] = self.itm_head(h[:, :Q].to(out.dtype)).mean(dim=1)  # (n, 2)
         return out  # (Ni, Nt, 2)
 
+    @torch.inference_mode()
     def match(self, images: ImageInput | Tensor, texts: TextInput) -> Tensor:
         """ITM match probability (Ni, Nt) for every image-text pair."""
-        return self.itm_logits(images, texts).float().softmax(dim=-1)[..., 1]
+        return self.forward_itm(images, texts).float().softmax(dim=-1)[..., 1]
 
     # ----------------------------------------------------------------- generation
     def _prompt_rows(self, prompts: list[str | None], max_new_tokens: int) -> list[list[int]]:
         """Language-model token ids of each prompt (the tokenizer's special tokens included), checked to fit."""
         cfg, rows = self.config, []
-        for i, p in enumerate(prompts):
-            if p is not None and not isinstance(p, str):
-                raise InputError(f"prompt {i} is a {type(p).__name__}: pass a string (or None for no prompt)")
-            if p is None or not p.strip():
+        for p in prompts:
+            if p is None:
                 row = [cfg.prompt_bos_token_id]
             else:  # no truncation: a prompt that does not fit is an error
                 row = self.tokens(p, max_length=sys.maxsize)[0][0].tolist()
@@ -177,11 +182,12 @@ class Blip2(BlipBase):
         self, images: ImageInput | Tensor, prompt: str | list[str] | None, gen: GenerationConfig
     ) -> tuple[Generated, list[list[int]]]:
         """Decode continuations for each image and its prompt; returns them and the prompt ids."""
-        self.require("generate text", "language_model")
+        self.require("generate", "generate text")
         gen.check()
+        prompts = check_prompts(prompt)
         prefix = self.prefix_embeds(images)  # (N, Q, E)
         n = prefix.shape[0]
-        prompts = [prompt] * n if prompt is None or isinstance(prompt, str) else list(prompt)
+        prompts = prompts if isinstance(prompt, (list, tuple)) else prompts * n
         if len(prompts) != n:
             raise InputError(f"got {len(prompts)} prompts for {n} images (image i goes with prompt i)")
         rows = self._prompt_rows(prompts, gen.max_new_tokens)
@@ -233,7 +239,7 @@ class Blip2(BlipBase):
             pad_token_id=tc.pad_token_id,
         )
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def caption(
         self,
         images: ImageInput | Tensor,
@@ -251,12 +257,13 @@ class Blip2(BlipBase):
     ) -> list[str] | list[list[str]] | list[tuple[str, float]]:
         """Captions for each image (OPT continues the prompt, so it starts the caption; T5 answers it).
 
-        With `num_captions > 1` each image gets a list. With `return_scores=True` each caption comes as
-        `(text, log_probability)`, the summed log-probability of its generated tokens.
+        With `num_captions > 1` each image gets a list of that many: the best beams (needs `num_beams >=
+        num_captions`) or, with `do_sample=True`, independent samples. With `return_scores=True` each caption comes
+        as `(text, log_probability)`, the summed log-probability of its generated tokens.
         """
         gen = caption_config(num_beams, max_new_tokens, min_new_tokens, repetition_penalty, do_sample, temperature,
-                             top_p, num_captions, length_penalty)
-        self.require("caption", "language_model")
+                             top_p, num_captions, length_penalty, return_scores)
+        self.require("caption")
         out, rows = self._generate(images, prompt, gen)
         k, continues = num_captions, self.config.lm_type == "opt"
         texts = [
@@ -265,7 +272,7 @@ class Blip2(BlipBase):
         ]
         return with_scores(texts, out, k, len(rows), return_scores)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate(
         self,
         images: ImageInput | Tensor,
@@ -277,19 +284,15 @@ class Blip2(BlipBase):
     ) -> list[str]:
         """The language model's reply to an instruction about each image (only the generated text).
 
-        Other keyword options are those of `caption` (do_sample, temperature, top_p, repetition_penalty, ...).
+        Other keyword options: do_sample, temperature, top_p, top_k, repetition_penalty, length_penalty.
         """
-        self.require("follow instructions", "language_model")
-        gen = GenerationConfig(
-            max_new_tokens=max_new_tokens,
-            min_new_tokens=min_new_tokens,
-            num_beams=1 if options.get("do_sample") else num_beams,
-            **options,
-        )
+        self.require("generate")
+        gen = generation_config("generate", options, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                                num_beams=num_beams)
         out, _ = self._generate(images, instruction, gen)
         return [self.tokenizer.decode(t).strip() for t in out.tokens]
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def answer(
         self,
         images: ImageInput | Tensor,
@@ -301,11 +304,10 @@ class Blip2(BlipBase):
         **options,
     ) -> list[str]:
         """Answer question i about image i, asked as `template` ("Question: {} Answer:")."""
-        self.require("answer questions", "language_model")
-        qs = as_list(questions)
-        for i, q in enumerate(qs):
-            if not isinstance(q, str) or not q.strip():
-                raise InputError(f"question {i} ({q!r}) is empty or not a string")
+        self.require("vqa")
+        qs = text_list(questions, "questions", "question")
+        if not isinstance(template, str) or template.count("{}") != 1 or any(c in template.replace("{}", "") for c in "{}"):
+            raise InputError(f"template {template!r} must be a string with one {{}} where the question goes")
         return self.generate(
             images,
             [template.format(q) for q in qs],

@@ -10,8 +10,21 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, TextConfig, VisionConfig, _pick
+from .config import (
+    CAPABILITIES,
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    TextConfig,
+    VisionConfig,
+    architecture,
+    check_capability,
+    kind_of,
+    no_parts,
+    read_text,
+    read_vision,
+)
 from .errors import CheckpointError
+from .fields import MAX_HIDDEN, MAX_POSITIONS, MAX_QUERY_TOKENS, MAX_VOCAB, Int, Rule, check, require, section
 from .lm import OPTConfig, T5Config
 
 GENERATION = "Blip2ForConditionalGeneration"
@@ -30,6 +43,16 @@ ARCHITECTURES: dict[str, tuple[str, ...]] = {
     ),
 }
 ALIASES = {"Blip2Model": GENERATION}  # same weights as the generation model
+# The parts each BLIP-2 capability needs (all of them); ranking given answers is BLIP's alone.
+NEEDS: dict[str, tuple[str, ...]] = {
+    "itc": ("embeddings", "vision_projection", "text_projection"),
+    "itm": ("embeddings", "itm_head"),
+    "ground": ("embeddings", "itm_head"),
+    "caption": ("language_projection", "language_model"),
+    "vqa": ("language_projection", "language_model"),
+    "generate": ("language_projection", "language_model"),
+    "attention": ("qformer",),
+}
 
 # Reference defaults of the sub-configs (EVA ViT-g/14 at 224 px; BERT-base Q-Former).
 VISION_DEFAULTS: dict[str, Any] = dict(
@@ -95,41 +118,34 @@ class Blip2Config:
     def from_hf(cls, d: dict[str, Any], source: str = "config.json") -> Blip2Config:
         """Read a Hugging Face BLIP-2 `config.json` dict; `source` names it in errors."""
         if d.get("model_type") != "blip-2":
-            found = d.get("model_type") or (d.get("architectures") or ["<no model_type>"])[0]
-            raise CheckpointError(
-                f"{source}: found a '{found}' checkpoint, expected a BLIP-2 one (model_type 'blip-2')"
-            )
-        arch = (d.get("architectures") or [GENERATION])[0]
+            raise CheckpointError(f"{source}: found a {kind_of(d)} checkpoint, expected a BLIP-2 one ('blip-2')")
+        arch = architecture(d, source, GENERATION)
         arch = ALIASES.get(arch, arch)
         if arch not in ARCHITECTURES:
             raise CheckpointError(f"{source}: architecture '{arch}' is not one of {sorted(ARCHITECTURES)}")
-        vision = VisionConfig(**{**VISION_DEFAULTS, **_pick(VisionConfig, d.get("vision_config") or {})})
-        q = {**QFORMER_DEFAULTS, **(d.get("qformer_config") or {})}
-        qformer = TextConfig(
-            **_pick(TextConfig, {k: v for k, v in q.items() if k not in ("encoder_hidden_size", "query_ffn")}),
+        check(d, {"num_query_tokens": Int(1, MAX_QUERY_TOKENS), "image_text_hidden_size": Int(1, MAX_HIDDEN),
+                  "image_token_index": Int(0, MAX_VOCAB, nullable=True)}, source)
+        vision = read_vision(section(d, "vision_config", source), source, "vision_config.", VISION_DEFAULTS)
+        q = {**QFORMER_DEFAULTS, **section(d, "qformer_config", source)}
+        check(q, {"use_qformer_text_input": Rule(bool, nullable=True)}, source, "qformer_config.")
+        qformer = read_text(
+            q,
+            source,
+            "qformer_config.",
             encoder_hidden_size=vision.hidden_size,  # the reference always sets it from the vision tower
             query_ffn=True,
-            text_ffn=bool(q.get("use_qformer_text_input", False)),
+            text_ffn=bool(q.get("use_qformer_text_input")),
         )
         if arch == RETRIEVAL and not qformer.text_ffn:
             raise CheckpointError(f"{source}: a retrieval checkpoint needs qformer_config.use_qformer_text_input")
         text, bos, context = None, None, None
         if "language_model" in ARCHITECTURES[arch]:
-            t = dict(d.get("text_config") or {})
-            kind = t.get("model_type", "opt")
-            if kind == "opt":
-                text = OPTConfig.from_hf(t)
-                bos = t.get("bos_token_id", text.bos_token_id)
-            elif kind == "t5":
-                if t.get("decoder_start_token_id") is None and t.get("bos_token_id") is not None:
-                    t["decoder_start_token_id"] = t["bos_token_id"]  # the reference's fallback
-                text = T5Config.from_hf(t)
-                bos = t.get("bos_token_id") or _first(text.eos_token_id)
-                context = t.get("n_positions", T5_CONTEXT)
-            else:
-                raise CheckpointError(
-                    f"{source}: language model '{kind}' is not supported; blipkit runs BLIP-2 with OPT and Flan-T5"
-                )
+            text, bos, context = _read_lm(d, source)
+            limit = context if context is not None else text.max_position_embeddings
+            queries = d.get("num_query_tokens", 32)
+            require(queries < limit, source, "num_query_tokens",
+                    f"is {queries}, leaving no room in the language model's {limit} positions")
+            check(d, {"image_token_index": Int(0, text.vocab_size - 1, nullable=True)}, source)
         return cls(
             vision_config=vision,
             qformer_config=qformer,
@@ -167,6 +183,37 @@ class Blip2Config:
             out["text_config"] = _lm_to_hf(self.text_config, self.prompt_bos_token_id, self.lm_context)
             out["use_decoder_only_language_model"] = self.lm_type == "opt"
         return out
+
+    def unable(self, capability: str) -> str | None:
+        """Why a BLIP-2 checkpoint of this config cannot do `capability`, or None when it can: BLIP-2's table."""
+        check_capability(capability)
+        if capability == "rank_answers":
+            return "BLIP-2 generates its answers (ranking given ones takes a BLIP VQA checkpoint)"
+        return no_parts(NEEDS[capability], self.parts)
+
+    @property
+    def capabilities(self) -> frozenset[str]:
+        """Every capability (see `config.CAPABILITIES`) a BLIP-2 checkpoint of this config has."""
+        return frozenset(c for c in CAPABILITIES if self.unable(c) is None)
+
+
+def _read_lm(d: dict[str, Any], source: str) -> tuple[OPTConfig | T5Config, int, int | None]:
+    """The language model's config, the id it starts an empty prompt with, and its context (T5 only)."""
+    t = dict(section(d, "text_config", source))
+    kind = t.get("model_type", "opt")
+    if kind == "opt":
+        text = OPTConfig.from_hf(t, source, "text_config.")
+        return text, t.get("bos_token_id", text.bos_token_id), None
+    if kind == "t5":
+        if t.get("decoder_start_token_id") is None and t.get("bos_token_id") is not None:
+            t["decoder_start_token_id"] = t["bos_token_id"]  # the reference's fallback
+        check(t, {"n_positions": Int(1, MAX_POSITIONS)}, source, "text_config.")
+        text = T5Config.from_hf(t, source, "text_config.")
+        return text, t.get("bos_token_id") or _first(text.eos_token_id), t.get("n_positions", T5_CONTEXT)
+    raise CheckpointError(
+        f"{source}: language model {kind!r:.40} ('text_config.model_type') is not supported; blipkit runs BLIP-2 "
+        "with OPT ('opt') and Flan-T5 ('t5')"
+    )
 
 
 def _first(ids: int | list[int]) -> int:
@@ -242,8 +289,3 @@ PRESETS: dict[str, tuple[str, Blip2Config]] = {
     "blip2-itm-vit-g": ("Salesforce/blip2-itm-vit-g", _itm()),
     "blip2-itm-vit-g-coco": ("Salesforce/blip2-itm-vit-g-coco", _itm(364)),
 }
-
-
-def checkpoints_with(part: str) -> list[str]:
-    """Names of the BLIP-2 presets that have `part` (for errors that say where a capability lives)."""
-    return [name for name, (_, cfg) in PRESETS.items() if part in cfg.parts]

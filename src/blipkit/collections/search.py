@@ -70,7 +70,7 @@ def search_text(model: BlipBase, table, settings: dict[str, Any], text: str, k: 
         raise InputError(f"search text {text!r} is empty: give some words")
     check_k(k, rerank)
     if rerank:
-        model.require("re-rank with ITM", "itm_head")
+        model.require("itm", "re-rank with ITM")
     query = encode_texts(model, [text])[0].cpu().numpy()
     column = "queries" if settings["queries"] else "embedding"
     extra = ("features",) if rerank and settings["features"] else ()

@@ -53,7 +53,7 @@ class EmbedStep:
     ) -> None:
         require_head(model, "itc", "index images")
         if caption:
-            model.require("caption", "language_model" if model.family == "BLIP-2" else "text_decoder")
+            model.require("caption")
         self.model, self.processor = model, model.processor
         self.features, self.caption = features, caption
         self.labels = [str(label).strip() for label in labels] if labels else []

@@ -1,4 +1,5 @@
-"""What the tasks share: batched encoding with a progress bar, ITC / ITM scores for both families, capability checks.
+"""What the tasks share: batched encoding with a progress bar, ITC / ITM scores for both families, capability checks
+(through the models' capability tables: `model.can`, `model.require`).
 
 Everything here calls the models' public methods (`encode_images`, `encode_texts`, `itm_logits`, ...), so it works for
 BLIP and BLIP-2 alike. BLIP-2 image embeddings are (N, Q, D), one per query token; ITC scores take the max over the
@@ -15,31 +16,26 @@ import torch
 from torch import Tensor
 
 from ..base import BlipBase
-from ..errors import CapabilityError, InputError
+from ..errors import InputError
 
 PROGRESS_MIN = 16  # a progress bar appears from this many items on (when `progress` is left at None)
 ITC_TEMPERATURE = 0.07  # BLIP's and BLIP-2's initial ITC temperature, used when the model carries none
-ITC_PARTS = ("vision_proj", "vision_projection")  # BLIP, BLIP-2 names of the ITC image projection
-ITM_PARTS = ("itm_head",)
 
 
 def has_itc(model: BlipBase) -> bool:
-    """Whether the model computes ITC embeddings (has an image-text projection)."""
-    return any(model.has(p) for p in ITC_PARTS)
+    """Whether the model computes ITC embeddings (its family's capability table says "itc")."""
+    return model.can("itc")
 
 
 def has_itm(model: BlipBase) -> bool:
-    """Whether the model has an ITM head."""
-    return any(model.has(p) for p in ITM_PARTS)
+    """Whether the model scores pairs with an ITM head (capability "itm")."""
+    return model.can("itm")
 
 
 def require_head(model: BlipBase, head: str, what: str) -> None:
-    """Raise CapabilityError when `head` ("itc" or "itm") is missing, naming the checkpoints that have it."""
+    """Raise CapabilityError when the model cannot use `head` ("itc" or "itm"), naming the checkpoints that can."""
     check_choice(head, ("itc", "itm"), "head")
-    if head == "itc" and not has_itc(model):
-        model.require(what, ITC_PARTS[0])
-    if head == "itm" and not has_itm(model):
-        model.require(what, ITM_PARTS[0])
+    model.require(head, what)
 
 
 def check_choice(value: str, choices: Sequence[str], name: str) -> None:
@@ -118,8 +114,6 @@ def itm_logits(
 ) -> Tensor:
     """ITM logits (Ni, Nt, 2) of every pair, images in batches; index 1 is "match"."""
     require_head(model, "itm", "match images and texts")
-    if not hasattr(model, "itm_logits"):
-        raise CapabilityError(f"{model.name_or_path} ({type(model).__name__}) has an ITM head but no itm_logits()")
     items, texts = as_items(images), as_items(texts)
     check_nonempty(items, "images")
     check_nonempty(texts, "texts")

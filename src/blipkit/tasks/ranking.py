@@ -59,7 +59,7 @@ def default_head(model: BlipBase) -> str:
         return "two-stage"
     if itc or itm:
         return "itc" if itc else "itm"
-    model.require("rank images and texts", "itm_head")
+    model.require("itm", "rank images and texts")
     raise CapabilityError(f"{model.name_or_path} has neither ITC projections nor an ITM head")
 
 

@@ -152,7 +152,8 @@ class QFormerObjectives(_Frozen):
         unknown = set(objectives) - set(STAGE1_OBJECTIVES)
         if unknown:
             raise InputError(f"unknown objectives {sorted(unknown)} (known: {', '.join(STAGE1_OBJECTIVES)})")
-        model.require("train the Q-Former (stage 1)", "embeddings", "vision_projection", "itm_head")
+        model.require("itc", "train the Q-Former (stage 1)")
+        model.require("itm", "train the Q-Former (stage 1)")
         self.model = model
         self.objectives = tuple(objectives)
         self.temp = nn.Parameter(torch.tensor(float(temp)))
@@ -317,7 +318,7 @@ def init_from_stage1(model: Blip2, stage1: Blip2 | str | Path | None) -> None:
 
 def check_language_model(model: Blip2) -> None:
     """Raise `InputError` unless the projection maps the Q-Former width onto the language model's input width."""
-    model.require("train stage 2", "language_model", "language_projection")
+    model.require("generate", "train stage 2")
     proj, lm = model.language_projection, model.language_model.get_input_embeddings()
     q = model.config.qformer_config.hidden_size
     if proj.in_features != q or proj.out_features != lm.embedding_dim:

@@ -82,7 +82,8 @@ def qformer_from_blip(model: Blip2, blip: Blip) -> list[str]:
     exists (the text feed-forward also into the query one; the first position rows when the Q-Former reads fewer
     tokens); the query tokens stay random. Returns the names copied.
     """
-    blip.require("initialise the Q-Former from BLIP (--qformer-init text-encoder)", "text_encoder")
+    if not blip.has("text_encoder"):  # then it has no ITM either: the refusal names the ITM checkpoints
+        blip.require("itm", "initialise the Q-Former from BLIP (--qformer-init text-encoder)")
     target = dict(model.named_parameters())
     copied = []
     with torch.no_grad():

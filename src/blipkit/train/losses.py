@@ -122,10 +122,9 @@ class Objectives(nn.Module):
         unknown = set(objectives) - set(OBJECTIVES)
         if unknown:
             raise ValueError(f"unknown objectives {sorted(unknown)} (known: {', '.join(OBJECTIVES)})")
-        needs = {"itc": ("vision_proj", "text_encoder"), "itm": ("itm_head", "text_encoder"),
-                 "lm": ("text_decoder",), "vqa": ("text_encoder", "text_decoder")}
+        needs = {"itc": "itc", "itm": "itm", "lm": "caption", "vqa": "vqa"}  # objective -> capability it trains
         for name in objectives:
-            model.require(f"train {name.upper()}", *needs[name])
+            model.require(needs[name], f"train {name.upper()}")
         self.model = model
         self.objectives = tuple(objectives)
         self.temp = nn.Parameter(torch.tensor(float(temp)))
