@@ -234,8 +234,7 @@ def test_attention_maps_shape_and_grid_from_pixels(work, images):
                        low.maps)
     x, y = maps.peak(2)
     assert 0 < x < 1 and 0 < y < 1
-    qkv = wide.text_encoder.encoder.layer[1].crossattention.qkv
-    assert qkv.keep_attention is False and qkv.attention_probs is None  # nothing left behind
+    assert blipkit.layers._RECORDING.get() is None  # nothing left recording after the call
 
 
 def test_attention_layers_and_picture(model, images, work):
@@ -286,16 +285,16 @@ def test_gradcam_equals_attention_times_positive_gradient(model, images):
     # by hand through the public parts, with .backward()
     qkv = model.text_encoder.encoder.layer[0].crossattention.qkv
     ids, mask = model.tokens(["the red circle"])
-    qkv.keep_attention = True
-    try:
-        h, _ = model.text_encoder(ids, mask, context=model.image_features(images[0]))
-        model.itm_head(h[:, 0])[0, 1].backward()
-        probs = qkv.attention_probs
-        ref = (probs * probs.grad.clamp(min=0))[0, :, :, 1:].mean(0).reshape(5, 4, 4).detach()
-    finally:
-        qkv.keep_attention, qkv.attention_probs = False, None
-        model.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        feats = model.vision_model(model.pixels(images[0]))
+    with blipkit.layers.recording(qkv) as record:
+        h, _ = model.text_encoder(ids, mask, context=feats)
+    probs = record[qkv]
+    (grad,) = torch.autograd.grad(model.itm_head(h[:, 0])[0, 1], probs)
+    ref = (probs * grad.clamp(min=0))[0, :, :, 1:].mean(0).reshape(5, 4, 4).detach()
     assert torch.allclose(cam.token_maps, ref, atol=1e-6)
+    assert all(p.grad is None for p in model.parameters())  # GradCAM leaves no gradients on the weights
+    assert not cam.token_maps.requires_grad and not cam.phrase_map.requires_grad
     with torch.no_grad():
         assert cam.match == pytest.approx(float(model.match(images[0], "the red circle")), abs=1e-6)
     assert all(p.grad is None for p in model.parameters())  # GradCAM leaves no gradients on the weights

@@ -1,10 +1,18 @@
-"""Small blocks shared by every tower: attention through SDPA (with an eager path that keeps the weights), masks."""
+"""Small blocks shared by every tower: attention through SDPA (with an eager path that records the weights), masks."""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+# The attention blocks whose probabilities the current call records, and what they recorded (see `recording`). A
+# context variable: each thread (and asyncio task) sees only its own, so concurrent calls on one model stay apart.
+_RECORDING: ContextVar[dict[nn.Module, Tensor | None] | None] = ContextVar("blipkit_recording", default=None)
 
 
 def activation(name: str) -> nn.Module:
@@ -54,24 +62,39 @@ def merge_heads(x: Tensor) -> Tensor:
     return x.transpose(1, 2).reshape(B, T, nh * hs)
 
 
+@contextmanager
+def recording(*blocks: nn.Module) -> Iterator[dict[nn.Module, Tensor | None]]:
+    """Record the attention probabilities of `blocks` (the modules passed to `attend` as `block`) while inside.
+
+    Yields a dict block -> probabilities (B, nh, Tq, Tk) of the block's last run inside, None if it did not run. The
+    recording belongs to this thread (or task) alone: the same model running in other threads records nothing.
+    Probabilities keep their autograd graph when gradients flow, so GradCAM can differentiate with respect to them.
+    """
+    record: dict[nn.Module, Tensor | None] = {**(_RECORDING.get() or {}), **{b: None for b in blocks}}
+    token = _RECORDING.set(record)
+    try:
+        yield record
+    finally:
+        _RECORDING.reset(token)
+
+
 def attend(
-    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout: float = 0.0, keep: nn.Module | None = None
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout: float = 0.0, block: nn.Module | None = None
 ) -> Tensor:
     """Scaled dot-product attention over (B, nh, T, hs) tensors with an additive float mask.
 
-    When `keep` is a module with `keep_attention = True`, the eager path runs instead of SDPA and the attention
-    probabilities (B, nh, Tq, Tk) are stored on it as `keep.attention_probs` (gradients retained when they flow):
-    this is what attention maps and GradCAM read. The numbers are the same either way.
+    When `block` is being recorded in this thread (see `recording`), the eager path runs instead of SDPA and the
+    probabilities (B, nh, Tq, Tk) go into the recording: what attention maps and GradCAM read. The numbers are the
+    same either way.
     """
-    if keep is not None and getattr(keep, "keep_attention", False):
+    record = _RECORDING.get()
+    if record is not None and block is not None and block in record:
         scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # (B, nh, Tq, Tk)
         if mask is not None:
             scores = scores + mask
         probs = scores.softmax(dim=-1)
-        if probs.requires_grad:
-            probs.retain_grad()
-        keep.attention_probs = probs
-        return F.dropout(probs, dropout, keep.training) @ v
+        record[block] = probs
+        return F.dropout(probs, dropout, block.training) @ v
     if k.shape[0] == 1 and q.shape[0] > 1:  # keys/values shared by every row (one image, many texts)
         if mask is None or mask.shape[0] == 1:
             # Fold the rows into the query axis: one attention call against the shared keys, no copies of them.

@@ -29,8 +29,6 @@ class QKV(nn.Module):
         self.query = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.key = nn.Linear(kv_width, cfg.hidden_size)
         self.value = nn.Linear(kv_width, cfg.hidden_size)
-        self.keep_attention = False
-        self.attention_probs: Tensor | None = None
 
     def kv(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Keys and values (B, nh, T, hs) of `x`."""
@@ -66,7 +64,7 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, mask: Tensor | None, k: Tensor, v: Tensor) -> Tensor:
         q = split_heads(self.qkv.query(x), self.qkv.heads)  # (B, nh, T, hs)
-        return self.output(merge_heads(attend(q, k, v, mask, keep=self.qkv)), x)
+        return self.output(merge_heads(attend(q, k, v, mask, block=self.qkv)), x)  # `block`: see layers.recording
 
 
 class FeedForward(nn.Module):

@@ -48,12 +48,11 @@ class VisionAttention(nn.Module):
         self.heads = cfg.num_attention_heads
         self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=cfg.qkv_bias)
         self.projection = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-        self.keep_attention = False
 
     def forward(self, x: Tensor) -> Tensor:
         B, T, H = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.heads, H // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, T, hs)
-        return self.projection(merge_heads(attend(q, k, v, None, keep=self)))
+        return self.projection(merge_heads(attend(q, k, v, None, block=self)))
 
 
 class VisionMLP(nn.Module):

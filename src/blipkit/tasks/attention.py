@@ -20,16 +20,16 @@ the Q-Former's 12, layer 0 of a 2-layer stack.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..base import BlipBase
 from ..errors import CapabilityError, InputError
+from ..layers import recording
 from ..text import TextEncoder
 from .common import as_items
 from .render import as_pil, grid_shape, new_figure, overlay, save, show_image
@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 STACKS = ("text_encoder", "qformer", "text_decoder")  # parts whose text stack cross-attends to the image
+GROUND_STACKS = ("text_encoder", "qformer")  # the stacks of the ITM pass, which GradCAM differentiates
 # Default layers of models where the middle one is not the best, by model name (or checkpoint folder name).
 # scenes-blip: layer 2 of 4 (the middle one, named here because it was measured: its GradCAM peak falls on the
 # named object for 60 % of the validation phrases, against 45 % at layers 0 and 1 and 12 % at 3; docs/tasks.md).
@@ -45,14 +46,17 @@ MODEL_LAYERS: dict[str, int] = {"scenes-blip": 2}
 SPECIAL_TOKENS = ("[CLS]", "[SEP]", "[PAD]", "[ENC]", "[DEC]", "[MASK]")
 
 
-def find_stack(model: BlipBase, parts: tuple[str, ...] = STACKS, what: str = "read cross-attention") -> tuple[str, Any]:
-    """(part name, its text stack) of the first of `parts` the model has: the layers that look at the image."""
+def find_stack(model: BlipBase, parts: tuple[str, ...] = STACKS, capability: str = "attention") -> tuple[str, Any]:
+    """(part name, its text stack) of the first of `parts` the model has: the layers that look at the image.
+
+    A model without `capability` ("attention", or "ground" with `GROUND_STACKS`) is refused first.
+    """
+    model.require(capability)
     for part in parts:
         if model.has(part):
             stack = next((m for m in getattr(model, part).modules() if isinstance(m, TextEncoder)), None)
             if stack is not None:
                 return part, stack
-    model.require(what, parts[0])
     raise CapabilityError(f"{model.name_or_path}: no text stack with cross-attention in {', '.join(parts)}")
 
 
@@ -97,18 +101,6 @@ def resolve_layer(model: BlipBase, stack: Any, layer: int | None, part: str = "t
     if index not in layers:
         raise InputError(f"layer {layer} of {part} has no cross-attention: use one of {', '.join(map(str, layers))}")
     return index
-
-
-@contextmanager
-def keep_attention(module: nn.Module):
-    """Make `module` (a text.QKV) store its attention probabilities while inside; cleared on the way out."""
-    module.keep_attention = True
-    module.attention_probs = None
-    try:
-        yield module
-    finally:
-        module.keep_attention = False
-        module.attention_probs = None
 
 
 def patch_grid(model: BlipBase, pixels: Tensor, keys: int) -> tuple[int, int]:
@@ -196,7 +188,26 @@ class AttentionMaps:
         return out
 
 
-@torch.no_grad()
+def _read_stack(model: BlipBase, part: str, pixels: Tensor, text: str | None) -> tuple[list[str], list[bool]]:
+    """Run the pass whose cross-attention the maps show; returns the rows' tokens and which are special (BLIP)."""
+    if part == "qformer":
+        if text is not None and model.can("itm"):
+            model.itm_logits(pixels, [text])
+        else:
+            model.qformer_features(pixels)
+        return [], []
+    feats = model.image_features(pixels)
+    if part == "text_encoder":
+        enc = model.tokenizer.enc_token_id if getattr(model, "enc_token", False) else None
+        ids, mask, tokens = text_tokens(model, text, enc)
+        model.text_encoder(ids, mask, context=feats)
+    else:  # captioning checkpoints: the decoder reads [DEC] + the text
+        ids, mask, tokens = text_tokens(model, text, model.config.text_config.bos_token_id)
+        model.text_decoder(ids, attention_mask=mask, context=feats)
+    return tokens, [t in SPECIAL_TOKENS for t in tokens]
+
+
+@torch.no_grad()  # not inference_mode: the maps returned are ordinary tensors
 def cross_attention_maps(
     model: BlipBase, image: Any, text: str | None = None, layer: int | None = None, suppress_common: bool = False
 ) -> AttentionMaps:
@@ -210,32 +221,17 @@ def cross_attention_maps(
     """
     part, stack = find_stack(model)
     layer = resolve_layer(model, stack, layer, part)
-    item, pixels = single_image(model, image)
+    _, pixels = single_image(model, image)
+    if part != "qformer" and text is None:
+        raise InputError("BLIP cross-attention maps need a text: pass the words to look for")
     qkv = stack.layer[layer].crossattention.qkv
-    with keep_attention(qkv):
-        if part == "qformer":
-            if text is not None and hasattr(model, "itm_logits"):
-                model.itm_logits(pixels, [text])
-            else:
-                model.qformer_features(pixels)
-            probs = qkv.attention_probs
-            tokens = query_labels(probs.shape[2])
-            special = [False] * len(tokens)
-        else:
-            if text is None:
-                raise InputError("BLIP cross-attention maps need a text: pass the words to look for")
-            feats = model.image_features(pixels)
-            if part == "text_encoder":
-                enc = model.tokenizer.enc_token_id if getattr(model, "enc_token", False) else None
-                ids, mask, tokens = text_tokens(model, text, enc)
-                model.text_encoder(ids, mask, context=feats)
-            else:  # captioning checkpoints: the decoder reads [DEC] + the text
-                ids, mask, tokens = text_tokens(model, text, model.config.text_config.bos_token_id)
-                model.text_decoder(ids, attention_mask=mask, context=feats)
-            probs = qkv.attention_probs
-            special = [t in SPECIAL_TOKENS for t in tokens]
+    with recording(qkv) as record:  # this call's own record: other threads on the model are not seen
+        tokens, special = _read_stack(model, part, pixels, text)
+    probs = record[qkv]
     if probs is None:
-        raise CapabilityError(f"{part} layer {layer} stored no attention: its cross-attention did not run")
+        raise CapabilityError(f"{part} layer {layer} recorded no attention: its cross-attention did not run")
+    if part == "qformer":
+        tokens, special = query_labels(probs.shape[2]), [False] * probs.shape[2]
     probs = probs[0].float().cpu()  # (nh, T, 1 + P)
     gh, gw = patch_grid(model, pixels, probs.shape[-1])
     maps = probs[..., 1:].reshape(probs.shape[0], probs.shape[1], gh, gw).transpose(0, 1)  # (T, nh, gh, gw)

@@ -5,7 +5,7 @@
     g.box          # [x1, y1, x2, y2], normalised to [0, 1] (x to the right, y down)
     g.cam.token_maps, g.cam.phrase_map   # per-token maps (T, gh, gw) and the whole-phrase map (gh, gw)
 
-GradCAM (as in ALBEF / BLIP): run the ITM head on (image, phrase) with the chosen layer's cross-attention kept,
+GradCAM (as in ALBEF / BLIP): run the ITM head on (image, phrase) with the chosen layer's cross-attention recorded,
 take the gradient of the "match" logit with respect to the attention probabilities, and average over heads the
 attention times its positive gradient. BLIP gives one map per text token; the phrase map is the mean over the word
 tokens ([CLS] / [ENC] and [SEP] left out). BLIP-2 does the same over the Q-Former's cross-attention, where the
@@ -29,17 +29,17 @@ from torch import Tensor
 
 from ..base import BlipBase
 from ..errors import CapabilityError, InputError
+from ..layers import recording
 from .attention import (
+    GROUND_STACKS,
     SPECIAL_TOKENS,
     find_stack,
-    keep_attention,
     patch_grid,
     query_labels,
     resolve_layer,
     single_image,
     text_tokens,
 )
-from .common import require_head
 from .render import as_pil, grid_shape, new_figure, overlay, save, show_image
 
 if TYPE_CHECKING:
@@ -93,11 +93,12 @@ class Grounding:
 
 
 def gradcam(model: BlipBase, image: Any, text: str, layer: int | None = None) -> GradCAM:
-    """GradCAM of the ITM "match" logit over the cross-attention of `layer` (see the module docstring)."""
-    require_head(model, "itm", "ground phrases")
-    if not hasattr(model, "itm_logits"):
-        raise CapabilityError(f"{model.name_or_path} has an ITM head but no itm_logits(): cannot compute GradCAM")
-    part, stack = find_stack(model, ("text_encoder", "qformer"), "ground phrases")
+    """GradCAM of the ITM "match" logit over the cross-attention of `layer` (see the module docstring).
+
+    The gradients are taken here, whatever autograd mode the caller is in, with respect to the recorded attention
+    only (no parameter's `.grad` changes); the maps returned are plain tensors.
+    """
+    part, stack = find_stack(model, GROUND_STACKS, "ground")
     layer = resolve_layer(model, stack, layer, part)
     _, pixels = single_image(model, image)
     if part == "text_encoder":
@@ -105,15 +106,16 @@ def gradcam(model: BlipBase, image: Any, text: str, layer: int | None = None) ->
         _, _, tokens = text_tokens(model, text, enc)
     elif not isinstance(text, str):
         raise InputError(f"text must be a string, got {type(text).__name__}")
-    with torch.no_grad():
-        feats = model.image_features(pixels)  # (1, 1 + P, W): itm_logits takes features; the ViT needs no graph
     qkv = stack.layer[layer].crossattention.qkv
-    with keep_attention(qkv), torch.enable_grad():
+    with torch.inference_mode(False), torch.enable_grad():
+        with torch.no_grad():
+            feats = model.vision_model(pixels)  # (1, 1 + P, W): forward_itm takes features; the ViT needs no graph
         feats.requires_grad_(True)  # a graph up to the attention even when every weight is frozen
-        logits = model.itm_logits(feats, [text])[0, 0]  # (2,)
-        probs = qkv.attention_probs
+        with recording(qkv) as record:  # this call's own record: other threads on the model are not seen
+            logits = model.forward_itm(feats, [text])[0, 0]  # (2,); itm_logits runs without autograd
+        probs = record[qkv]
         if probs is None or not probs.requires_grad:
-            raise CapabilityError(f"{part} layer {layer}: the ITM pass kept no differentiable attention")
+            raise CapabilityError(f"{part} layer {layer}: the ITM pass recorded no differentiable attention")
         (grad,) = torch.autograd.grad(logits[1], probs)
     cam = (probs.detach() * grad.clamp(min=0))[0].float().mean(dim=0).cpu()  # (T, 1 + P), heads averaged
     gh, gw = patch_grid(model, pixels, cam.shape[-1])
