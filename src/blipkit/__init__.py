@@ -83,7 +83,10 @@ def _family(cfg: dict, source: str):
 
 
 def load(
-    name_or_path: str | Path, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None
+    name_or_path: str | Path,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    quantize: str | None = None,
 ) -> BlipBase:
     """Load a model: a shipped model name, a local Hub-format directory, a preset name or a Hub repo id.
 
@@ -92,8 +95,14 @@ def load(
         device: where the weights go (default: CPU).
         dtype: float32 / bfloat16 / float16 (default: as stored, except that the shipped models, stored in
             float16 to keep the package small, load as float32).
+        quantize: "int8" or "bf16" weight-only quantization of the decoding parts (see `blipkit.quantize`);
+            a quantized model cannot be saved.
     """
     from . import checkpoint, processing
+    from .quantize import check_mode
+    from .quantize import quantize as quantize_weights
+
+    check_mode(quantize)
 
     dtype = _dtype(dtype)
     if dtype is None and str(name_or_path) in shipped_models():
@@ -107,6 +116,8 @@ def load(
         model = model_cls(config)
     checkpoint.load_weights(model, directory, dtype, device or "cpu", keep_float32=model.keep_float32)
     model.eval()
+    if quantize is not None:
+        quantize_weights(model, quantize)
     model.tokenizer = processing.Tokenizer.from_dir(directory)
     pre = directory / "preprocessor_config.json"
     model.processor = (
@@ -133,6 +144,9 @@ def save(model: BlipBase, directory: str | Path) -> Path:
     """Write `model` as a Hub-format directory that `load` and transformers both read."""
     from . import checkpoint
 
+    if getattr(model, "quantized", None):
+        raise InputError(f"{model.name_or_path} has {model.quantized[0]} weights, which save() does not write: save "
+                         "the float model and load it with quantize=... instead")
     directory = Path(directory)
     checkpoint.save_weights(model, directory)
     (directory / "config.json").write_text(json.dumps(model.config.to_hf(), indent=2))

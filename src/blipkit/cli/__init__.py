@@ -29,6 +29,8 @@ def common_parser() -> argparse.ArgumentParser:
     )
     common.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps ... (default: cpu)")
     common.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="weights dtype")
+    common.add_argument("--quantize", default=None, choices=["int8", "bf16"],
+                        help="weight-only quantization of the decoder / language model (faster decoding on CPU)")
     common.add_argument("--json", action="store_true", help="machine-readable output on stdout (match, classify, "
                         "caption, ask: a JSON object per line)")
     return common

@@ -18,6 +18,8 @@ FORMATTER = argparse.RawDescriptionHelpFormatter
 def _index(args: argparse.Namespace):
     from ..collections import Index
 
+    if args.quantize is not None:
+        raise InputError("--quantize is not taken by index / search (the table's embeddings come from float weights)")
     if args.device is not None:
         from .tasks import _device
 

@@ -48,13 +48,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.db is not None:
         from ..collections import Index
 
+        if args.quantize is not None:
+            raise InputError("--quantize is not taken with --db (the table's embeddings come from float weights)")
         index = Index(args.db, args.model, table=args.table, device=args.device, dtype=args.dtype)
         if len(index) == 0:
             raise InputError(f"--db {args.db} has no table '{args.table}' with images: build one with "
                              f"`blipkit index IMAGES --db {args.db}`")
         model = index.model  # the table's model unless --model names one
     else:
-        model = blipkit.load(args.model or "scenes-blip", device=args.device, dtype=args.dtype)
+        model = blipkit.load(args.model or "scenes-blip", device=args.device, dtype=args.dtype, quantize=args.quantize)
     limits = Limits(max_body_bytes=int(args.max_body_mb * 1024 * 1024))
     app = create_app(model, index=index, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, limits=limits,
                      api_key=args.api_key)

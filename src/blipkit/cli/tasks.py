@@ -52,7 +52,7 @@ def _device(name: str | None) -> str | None:
 def _load(args: argparse.Namespace):
     import blipkit
 
-    return blipkit.load(args.model, device=_device(args.device), dtype=args.dtype)
+    return blipkit.load(args.model, device=_device(args.device), dtype=args.dtype, quantize=args.quantize)
 
 
 def _images(args: argparse.Namespace) -> list[Path]:

@@ -310,6 +310,8 @@ def run_train(args: argparse.Namespace) -> int:
 
     if args.dtype not in (None, "float32"):
         raise InputError("training keeps float32 weights; use --amp bf16/fp16 for mixed precision")
+    if args.quantize is not None:
+        raise InputError("training keeps float32 weights: --quantize is for inference commands (eval, caption ...)")
     _check_stage_options(args)
     check_output_dir(args.out, "--out")
     device = _device_default(args)
@@ -367,7 +369,7 @@ def run_eval(args: argparse.Namespace) -> int:
     if loaded.skipped:
         write_line(f"skipped {loaded.skipped} bad entr{'y' if loaded.skipped == 1 else 'ies'} of {args.data}",
                    sys.stderr)
-    model = blipkit.load(args.model, device=device, dtype=args.dtype)
+    model = blipkit.load(args.model, device=device, dtype=args.dtype, quantize=args.quantize)
     report = evaluate(model, args.data, split=args.split, tasks=tasks, k=args.k, limit=args.limit,
                       image_root=args.image_root, vqa=args.vqa, boxes=args.boxes, batch_size=args.batch_size,
                       num_beams=args.num_beams, skip_bad=args.skip_bad, layer=args.layer, loaded=loaded)

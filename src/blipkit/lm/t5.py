@@ -125,8 +125,10 @@ class T5DenseActDense(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Apply the MLP to x (..., C)."""
         h = self.act(self.wi_0(x)) * self.wi_1(x) if self.gated else self.act(self.wi(x))  # (..., d_ff)
-        # wo may be kept in float32 when the rest is half precision (Flan-T5-XXL overflows otherwise)
-        return self.wo(self.dropout(h).to(self.wo.weight.dtype))
+        # wo may be kept in float32 when the rest is half precision (Flan-T5-XXL overflows otherwise); an int8
+        # (quantized) wo takes the activations as they are
+        w = self.wo.weight
+        return self.wo(self.dropout(h).to(w.dtype) if w.is_floating_point() else self.dropout(h))
 
 
 class T5Attention(nn.Module):

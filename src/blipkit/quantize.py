@@ -1,0 +1,193 @@
+"""Weight-only quantization of a loaded model's linear layers: int8 (per-output-channel scales) or bfloat16.
+
+Decoding one token reads every decoder weight once, so on a CPU it is bound by memory bandwidth, not arithmetic:
+int8 weights are a quarter of the float32 bytes. `Int8Linear` stores the weight as int8 with one scale per output
+channel and multiplies through torch's `_weight_int8pack_mm` (bfloat16 activations in, the caller's dtype out).
+That kernel is fast for matrix-vector products and slow for large ones, so above `Int8Linear.max_rows` rows (the
+prompt pass, large batches) the weight is dequantized to bfloat16 for one ordinary matrix product instead.
+`BF16Linear` keeps a bfloat16 copy of the weight and computes in bfloat16, around float32 activations.
+
+Only the parts that pay are quantized by default (see `DEFAULT_PARTS`): the BLIP text decoder and the BLIP-2
+language model. Everything outside the quantized linears (embeddings, norms, attention) keeps the model's dtype.
+A quantized model runs every method as before; `blipkit.save` refuses it (the int8 weights are not a format
+`transformers` reads; save the float model and quantize after loading).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .errors import InputError
+
+MODES = ("int8", "bf16")
+#: the top-level parts quantized when none are named, per model family
+DEFAULT_PARTS = {"BLIP": ("text_decoder",), "BLIP-2": ("language_model",)}
+
+
+class Int8Linear(nn.Module):
+    """y = x W^T + b with W stored as int8 (N, K) times a bfloat16 scale per output channel."""
+
+    #: up to this many rows use the int8 matrix-vector kernel; more dequantize to bfloat16 for one GEMM
+    max_rows = 24
+
+    #: rows of the exact (float) weight recomputed per output row of a vocabulary head, at the int8 top scores
+    refine_top = 64
+
+    def __init__(self, weight: Tensor, scales: Tensor, bias: Tensor | None, exact: Tensor | None = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.register_buffer("weight", weight)  # (N, K) int8
+        self.register_buffer("scales", scales)  # (N,) bfloat16
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        # a vocabulary head keeps its float weight (tied to the token embedding, so no copy): see `_refine`
+        self.exact = exact
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, keep_exact: bool = False) -> Int8Linear:
+        """Quantize a linear layer: symmetric per-output-channel int8 (scale = max |w| / 127, rounded to bf16).
+
+        `keep_exact` keeps a reference to the float weight to recompute the top scores exactly (vocabulary heads).
+        """
+        w = linear.weight.detach().float()
+        # the kernel takes bfloat16 scales: round them first, then quantize against the rounded scale
+        scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-12).to(torch.bfloat16)
+        q = (w / scales.float()[:, None]).round().clamp(-127, 127).to(torch.int8)
+        bias = None if linear.bias is None else linear.bias.detach().clone()
+        return cls(q, scales, bias, linear.weight.detach() if keep_exact else None)
+
+    def dequantized(self) -> Tensor:
+        """The weight as bfloat16 (N, K): what the int8 values and scales stand for."""
+        return self.weight.to(torch.bfloat16) * self.scales[:, None]
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()  # (M, K)
+        # the kernel reads K in blocks of 16 (other widths give wrong numbers): those layers take the GEMM path
+        if x2.shape[0] <= self.max_rows and self.in_features % 16 == 0:
+            y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales)  # (M, N)
+        else:
+            y = F.linear(x2, self.dequantized())
+        y = y.to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(x.dtype)
+        if self.exact is not None:
+            y = self._refine(x.reshape(-1, self.in_features), y)
+        return y.view(*shape[:-1], self.out_features)
+
+    def _refine(self, x: Tensor, y: Tensor, chunk: int = 64) -> Tensor:
+        """Recompute the `refine_top` highest scores of each row (M, N) with the float weight and float inputs.
+
+        The int8 product comes back in bfloat16, whose rounding (1/8 at a logit of 16) flips near-ties between the
+        best tokens; greedy and beam search only look at the top scores, so those are made exact.
+        """
+        k = min(self.refine_top, self.out_features)
+        for s in range(0, y.shape[0], chunk):
+            idx = y[s : s + chunk].topk(k, dim=-1).indices  # (m, k)
+            rows = self.exact[idx].to(x.dtype)  # (m, k, K)
+            exact = torch.bmm(rows, x[s : s + chunk, :, None]).squeeze(-1)  # (m, k)
+            if self.bias is not None:
+                exact = exact + self.bias.to(x.dtype)[idx]
+            y[s : s + chunk].scatter_(1, idx, exact)
+        return y
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 weight, bf16 scales"
+
+
+class BF16Linear(nn.Module):
+    """y = x W^T + b computed in bfloat16 with a bfloat16 weight; input and output keep the caller's dtype."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.register_buffer("weight", weight)  # (N, K) bfloat16
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> BF16Linear:
+        """A bfloat16 copy of a linear layer's weight (the bias stays as it is)."""
+        bias = None if linear.bias is None else linear.bias.detach().clone()
+        return cls(linear.weight.detach().to(torch.bfloat16), bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = F.linear(x.to(torch.bfloat16), self.weight).to(x.dtype)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+
+def check_mode(mode: str | None) -> str | None:
+    """`mode` if it is None or a known quantization mode, else InputError naming the choices."""
+    if mode is not None and mode not in MODES:
+        raise InputError(f"unknown quantization {mode!r}: use one of {', '.join(MODES)} (or None for none)")
+    return mode
+
+
+def check_device(device: torch.device) -> None:
+    """Raise InputError unless the int8 kernel runs on `device` (it is probed with a tiny product)."""
+    if device.type == "meta":
+        raise InputError("cannot quantize a model on the meta device: load its weights first (blipkit.load)")
+    try:
+        x = torch.ones(1, 32, dtype=torch.bfloat16, device=device)
+        w = torch.ones(8, 32, dtype=torch.int8, device=device)
+        torch.ops.aten._weight_int8pack_mm(x, w, torch.ones(8, dtype=torch.bfloat16, device=device))
+    except (RuntimeError, NotImplementedError) as e:
+        raise InputError(
+            f"int8 weights are not supported on device '{device}' by this torch build ({str(e).splitlines()[0]}); "
+            f"load the model on cpu, or use dtype='bfloat16' / quantize='bf16' there"
+        ) from None
+
+
+def quantize(model: nn.Module, mode: str = "int8", parts: tuple[str, ...] | list[str] | None = None) -> nn.Module:
+    """Replace the nn.Linear layers of `parts` of `model` (in place) by int8 or bfloat16 weight-only ones.
+
+    Args:
+        model: a loaded BLIP or BLIP-2 model (`blipkit.load`).
+        mode: "int8" (per-output-channel scales) or "bf16".
+        parts: top-level parts to quantize, e.g. ("text_decoder", "vision_model"); default `DEFAULT_PARTS`.
+    Returns:
+        The same model, with `model.quantized` set to `(mode, parts)`.
+    """
+    check_mode(mode)
+    if getattr(model, "quantized", None):
+        raise InputError(f"{model.name_or_path} is already quantized ({model.quantized[0]}): load it again to change")
+    family = getattr(model, "family", "BLIP")
+    names = tuple(parts) if parts is not None else tuple(p for p in DEFAULT_PARTS[family] if model.has(p))
+    for name in names:
+        if not model.has(name):
+            have = [n for n, m in model.named_children() if any(isinstance(x, nn.Linear) for x in m.modules())]
+            raise InputError(f"{model.name_or_path} has no part '{name}' to quantize; its parts with linear layers: "
+                             f"{', '.join(have)}")
+    if mode == "int8":
+        check_device(model.device)
+    convert = Int8Linear.from_linear if mode == "int8" else BF16Linear.from_linear
+    for name in names:
+        part = getattr(model, name)
+        head = _vocab_head(part)
+        linear = getattr(*head) if head else None
+        _swap(part, convert)
+        if head is not None and mode == "int8":
+            setattr(*head, Int8Linear.from_linear(linear, keep_exact=True))
+    model.quantized = (mode, names)
+    return model
+
+
+def _vocab_head(part: nn.Module) -> tuple[nn.Module, str] | None:
+    """(parent module, attribute) of the vocabulary projection of a decoding part, if it has one."""
+    for parent_name, attr in (("cls.predictions", "decoder"), ("", "lm_head")):
+        try:
+            parent = part.get_submodule(parent_name)
+        except AttributeError:
+            continue
+        if isinstance(getattr(parent, attr, None), nn.Linear):
+            return parent, attr
+    return None
+
+
+def _swap(module: nn.Module, convert) -> None:
+    """Replace every nn.Linear under `module` by `convert(linear)`, children first."""
+    for child_name, child in module.named_children():
+        if isinstance(child, nn.Linear):
+            setattr(module, child_name, convert(child))
+        else:
+            _swap(child, convert)
