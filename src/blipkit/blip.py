@@ -11,8 +11,6 @@ Token 0 of ITM and VQA inputs: the reference Hugging Face port keeps `[CLS]` the
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -38,8 +36,9 @@ class Blip(BlipBase):
         if "text_encoder" in parts:
             self.text_encoder = TextModel(tc)
         if "text_decoder" in parts:
-            # The VQA answer decoder attends to the question encoder's states, the captioner to image patches.
-            self.text_decoder = TextLMHeadModel(dataclasses.replace(tc, encoder_hidden_size=config.decoder_width))
+            # The captioner's decoder attends to image patches, the VQA answer decoder to the question encoder's
+            # states (`BlipConfig.decoder_reads_image`); both are built as the reference builds them.
+            self.text_decoder = TextLMHeadModel(tc)
         if "vision_proj" in parts:
             self.vision_proj = nn.Linear(vc.hidden_size, config.image_text_hidden_size)
             self.text_proj = nn.Linear(tc.hidden_size, config.image_text_hidden_size)
@@ -234,6 +233,7 @@ class Blip(BlipBase):
         `num_candidates` answers only the ones whose first token is most likely are scored in full.
         Other keyword options: do_sample, temperature, top_p, top_k, repetition_penalty, length_penalty.
         """
+        self.require("vqa" if answers is None else "rank_answers")
         gen = generation_config("answer", options, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
                                 num_beams=num_beams)
         num_candidates = check_count("num_candidates", num_candidates)

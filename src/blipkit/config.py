@@ -293,12 +293,6 @@ class BlipConfig:
         parts = self.parts
         return "text_decoder" in parts and ("vision_proj" in parts or "text_encoder" not in parts)
 
-    @property
-    def decoder_width(self) -> int:
-        """Width of what the text decoder cross-attends to: image features, or the question encoder's states."""
-        tc = self.text_config
-        return tc.encoder_hidden_size if self.decoder_reads_image else tc.hidden_size
-
     def unable(self, capability: str) -> str | None:
         """Why a BLIP checkpoint of this config cannot do `capability`, or None when it can: BLIP's capability table."""
         check_capability(capability)
@@ -310,8 +304,11 @@ class BlipConfig:
             return why
         if capability == "caption" and not self.decoder_reads_image:
             return "its text decoder is a VQA answer decoder: it reads the question encoder's states, not the image"
-        if capability in ("vqa", "rank_answers") and self.decoder_width != self.text_config.hidden_size:
-            return "its text decoder reads image features, of another width than the question encoder's states"
+        tc = self.text_config
+        if capability in ("vqa", "rank_answers") and tc.encoder_hidden_size != tc.hidden_size:
+            # as in the reference, the decoder's cross-attention takes encoder_hidden_size-wide inputs
+            return (f"its text decoder's cross-attention takes {tc.encoder_hidden_size}-wide inputs and the question "
+                    f"encoder's states are {tc.hidden_size} wide")
         return None
 
     @property
@@ -372,8 +369,9 @@ PRESETS: dict[str, tuple[str, BlipConfig]] = {
         _preset("BlipForConditionalGeneration", _large_vision()),
     ),
     "blip-vqa-base": ("Salesforce/blip-vqa-base", _preset("BlipForQuestionAnswering", _base_vision())),
+    # ViT-B despite the name (CapFilt-L is the bootstrapped data): its config.json sets no vision widths
     "blip-vqa-capfilt-large": (
         "Salesforce/blip-vqa-capfilt-large",
-        _preset("BlipForQuestionAnswering", _large_vision()),
+        _preset("BlipForQuestionAnswering", _base_vision()),
     ),
 }
