@@ -38,11 +38,12 @@ def jobs(model, images) -> dict[tuple[str, int, int], object]:
 def background(model, images, stop: threading.Event, done: list[int]) -> None:
     """match (and caption, for BLIP) in a loop until told to stop; every result checked against the first."""
     first_match = model.match(images[0], TEXTS)
-    first_caption = model.caption(images[1], num_beams=1, max_new_tokens=4, min_new_tokens=1) if model.family == "BLIP" else None
+    short = dict(num_beams=1, max_new_tokens=4, min_new_tokens=1)
+    first_caption = model.caption(images[1], **short) if model.family == "BLIP" else None
     while not stop.is_set():
         assert torch.equal(model.match(images[0], TEXTS), first_match)
         if first_caption is not None:
-            assert model.caption(images[1], num_beams=1, max_new_tokens=4, min_new_tokens=1) == first_caption
+            assert model.caption(images[1], **short) == first_caption
         done[0] += 1
 
 
