@@ -270,10 +270,13 @@ def test_dtype_and_enc_token(hf_blip_dirs, photos):
 
 
 def test_position_interpolation(itm):
+    """The ViT interpolates its positions to other sizes; the public methods take pixels of the processor's size."""
     ours = itm[0]
     with torch.no_grad():
-        f = ours.image_features(torch.randn(1, 3, 48, 64))
+        f = ours.vision_model(torch.randn(1, 3, 48, 64))
     assert f.shape == (1, 1 + 6 * 8, 32)
+    with pytest.raises(InputError, match=r"shape \(1, 3, 48, 64\); preprocessed pixels are \(3, 32, 32\)"):
+        ours.image_features(torch.randn(1, 3, 48, 64))
 
 
 @pytest.mark.full

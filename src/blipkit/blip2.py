@@ -306,7 +306,8 @@ class Blip2(BlipBase):
         """Answer question i about image i, asked as `template` ("Question: {} Answer:")."""
         self.require("rank_answers" if "answers" in options else "vqa")  # BLIP-2 generates; BLIP VQA ranks
         qs = text_list(questions, "questions", "question")
-        if not isinstance(template, str) or template.count("{}") != 1 or any(c in template.replace("{}", "") for c in "{}"):
+        if not isinstance(template, str) or template.count("{}") != 1 or any(c in template.replace("{}", "")
+                                                                              for c in "{}"):
             raise InputError(f"template {template!r} must be a string with one {{}} where the question goes")
         return self.generate(
             images,

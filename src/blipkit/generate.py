@@ -11,10 +11,13 @@ length normalisation) so that token sequences are identical to it on the same we
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -22,6 +25,34 @@ from .errors import InputError
 
 Step = Callable[[Tensor, Any], tuple[Tensor, Any]]
 NEG = -1.0e9
+
+
+def _integer(name: str, value: Any, low: int) -> int:
+    """`value` as an int >= `low` (bools and floats refused), else InputError naming the option."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise InputError(f"{name} must be an integer, got {value!r}")
+    if value < low:
+        raise InputError(f"{name} must be >= {low}, got {value}")
+    return int(value)
+
+
+def check_count(name: str, value: Any) -> int:
+    """`value` as an int >= 1 (bools and floats refused), else InputError naming the option."""
+    return _integer(name, value, 1)
+
+
+def _real(name: str, value: Any) -> float:
+    """`value` as a finite float (bools refused), else InputError naming the option."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise InputError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _flag(name: str, value: Any) -> bool:
+    """`value` if it is a bool, else InputError naming the option."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise InputError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
 
 
 @dataclass
@@ -40,47 +71,92 @@ class GenerationConfig:
     num_return_sequences: int = 1
     early_stopping: bool = False
 
-    def check(self) -> None:
-        """Raise InputError naming the first option out of range."""
-        if self.max_new_tokens < 1:
-            raise InputError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
-            raise InputError(f"min_new_tokens must be in [0, max_new_tokens], got {self.min_new_tokens}")
-        if self.num_beams < 1:
-            raise InputError(f"num_beams must be >= 1, got {self.num_beams}")
+    def check(self, labels: dict[str, str] | None = None) -> None:
+        """Check every option's type and range, and their combinations; raise InputError naming the first bad one.
+
+        Values are normalised in place (numpy scalars become Python ones). `labels` renames options in messages
+        (`caption` calls `num_return_sequences` `num_captions`).
+        """
+        label = (labels or {}).get
+        self.max_new_tokens = _integer(label("max_new_tokens", "max_new_tokens"), self.max_new_tokens, 1)
+        self.min_new_tokens = _integer("min_new_tokens", self.min_new_tokens, 0)
+        self.num_beams = _integer("num_beams", self.num_beams, 1)
+        self.num_return_sequences = _integer(label("num_return_sequences", "num_return_sequences"),
+                                             self.num_return_sequences, 1)
+        self.do_sample = _flag("do_sample", self.do_sample)
+        self.early_stopping = _flag("early_stopping", self.early_stopping)
+        self.temperature = _real("temperature", self.temperature)
+        self.top_p = _real("top_p", self.top_p)
+        self.repetition_penalty = _real("repetition_penalty", self.repetition_penalty)
+        self.length_penalty = _real("length_penalty", self.length_penalty)
+        if self.top_k is not None:
+            self.top_k = _integer("top_k", self.top_k, 1)
+        if self.min_new_tokens > self.max_new_tokens:
+            raise InputError(f"min_new_tokens ({self.min_new_tokens}) cannot exceed max_new_tokens "
+                             f"({self.max_new_tokens})")
         if self.temperature <= 0:
             raise InputError(f"temperature must be > 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.repetition_penalty <= 0:
             raise InputError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        if self.num_beams > 1 and self.num_return_sequences > self.num_beams:
-            raise InputError(
-                f"num_return_sequences ({self.num_return_sequences}) cannot exceed num_beams ({self.num_beams})"
-            )
+        k = self.num_return_sequences
+        if k > self.num_beams and not (self.do_sample and self.num_beams == 1):  # k samples: one row each
+            # greedy decoding has one result per input, beam search at most one per beam
+            name = label("num_return_sequences", "num_return_sequences")
+            raise InputError(f"{name}={k} needs do_sample=True or num_beams >= {k} (got num_beams="
+                             f"{self.num_beams}): greedy decoding gives one sequence, beam search one per beam")
+
+
+#: the options `answer` / `generate` take besides their named arguments
+SAMPLING_OPTIONS = ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty", "length_penalty")
+
+
+def _sampling_config(labels: dict[str, str] | None, **values: Any) -> GenerationConfig:
+    """A checked config where sampling draws one sequence per result: `do_sample=True` sets `num_beams` to 1 (after
+    checking the given value)."""
+    if _flag("do_sample", values.get("do_sample", False)):
+        _integer("num_beams", values.get("num_beams", 1), 1)
+        values["num_beams"] = 1
+    cfg = GenerationConfig(**values)
+    cfg.check(labels)
+    return cfg
+
+
+def generation_config(method: str, options: dict[str, Any], **named: Any) -> GenerationConfig:
+    """The checked `GenerationConfig` of a call (`answer`, `generate`) taking `named` arguments and `options`.
+
+    Unknown options are refused by name; sampling draws one sequence per input (no beams).
+    """
+    unknown = [k for k in options if k not in SAMPLING_OPTIONS]
+    if unknown:
+        raise InputError(f"{method}() got an unknown option {unknown[0]!r}; its options are "
+                         f"{', '.join(named)}, {', '.join(SAMPLING_OPTIONS)}")
+    return _sampling_config(None, **named, **options)
 
 
 def caption_config(
     num_beams: int, max_new_tokens: int, min_new_tokens: int, repetition_penalty: float, do_sample: bool,
-    temperature: float, top_p: float, num_captions: int, length_penalty: float,
+    temperature: float, top_p: float, num_captions: int, length_penalty: float, return_scores: bool,
 ) -> GenerationConfig:
-    """The `GenerationConfig` of a `caption(...)` call: sampling draws one sequence per caption (no beams) and
-    `top_p` applies only when sampling."""
-    return GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        min_new_tokens=min_new_tokens,
-        num_beams=1 if do_sample else num_beams,
-        do_sample=do_sample,
-        temperature=temperature,
-        top_p=top_p if do_sample else 1.0,
-        repetition_penalty=repetition_penalty,
-        length_penalty=length_penalty,
+    """The checked `GenerationConfig` of a `caption(...)` call.
+
+    Sampling draws one sequence per caption (no beams); beam search returns the `num_captions` best beams; greedy
+    decoding gives one caption per image, so `num_captions > 1` needs sampling or enough beams.
+    """
+    _flag("return_scores", return_scores)
+    return _sampling_config(
+        {"num_return_sequences": "num_captions"},
+        max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, num_beams=num_beams, do_sample=do_sample,
+        temperature=temperature, top_p=top_p, repetition_penalty=repetition_penalty, length_penalty=length_penalty,
         num_return_sequences=num_captions,
     )
 
 
 def with_scores(texts: list[str], gen: Generated, k: int, n: int, return_scores: bool) -> list:
     """What `caption` returns: texts (or (text, log-probability) pairs), grouped per image when k > 1."""
+    if len(texts) != k * n:  # generate returns k rows per input, in input order
+        raise RuntimeError(f"decoding returned {len(texts)} rows for {n} inputs x {k}")
     items = [(t, float(s)) for t, s in zip(texts, gen.scores, strict=True)] if return_scores else texts
     return items if k == 1 else [items[i * k : (i + 1) * k] for i in range(n)]
 
@@ -157,7 +233,7 @@ def generate(
 
 def _sample(make_step, input_ids, mask, cfg, eos, pad, generator) -> Generated:
     """Greedy (argmax) or sampled decoding, one row per returned sequence."""
-    rows = cfg.num_return_sequences if cfg.do_sample else 1
+    rows = cfg.num_return_sequences  # 1 unless sampling (`check` refuses several greedy sequences)
     seqs, mask = input_ids.repeat_interleave(rows, 0), mask.repeat_interleave(rows, 0)
     step = make_step(rows)
     logits, state = step(seqs, None)
@@ -188,78 +264,95 @@ def _sample(make_step, input_ids, mask, cfg, eos, pad, generator) -> Generated:
     return Generated(tokens, total)
 
 
+@dataclass
+class _Finished:
+    """The `nb` best finished hypotheses per input: sequences (B, nb, T), length-normalised scores, lengths."""
+
+    seqs: Tensor
+    scores: Tensor
+    lengths: Tensor
+    filled: Tensor  # (B, nb) bool: the slot holds a hypothesis that ended
+
+    def add(self, cand: Tensor, norm: Tensor, ended: Tensor, length: int, pad: int) -> None:
+        """Merge candidates (B, K, T + 1) scored `norm` (B, K) (NEG where they may not join), `ended` (B, K) marking
+        those that finished, and keep the `nb` best."""
+        nb, T1 = self.scores.shape[1], cand.shape[2]
+        seqs = torch.cat([self.seqs, self.seqs.new_full((*self.seqs.shape[:2], T1 - self.seqs.shape[2]), pad)], 2)
+        best = torch.cat([self.scores, norm], dim=1).topk(nb, dim=1).indices
+        self.seqs = torch.cat([seqs, cand], dim=1).gather(1, best[..., None].expand(-1, -1, T1))
+        self.scores = torch.cat([self.scores, norm], dim=1).gather(1, best)
+        self.lengths = torch.cat([self.lengths, torch.full_like(norm, length, dtype=torch.long)], 1).gather(1, best)
+        self.filled = torch.cat([self.filled, ended], dim=1).gather(1, best)
+
+
+def _beam_candidates(logp: Tensor, run_scores: Tensor, keep: int, cfg: GenerationConfig, generator) -> tuple:
+    """The `keep` best (or sampled) continuations per input: (log-probabilities, source beam, token), each (B, keep)."""
+    B, nb = run_scores.shape
+    V = logp.shape[-1]
+    acc = (logp.view(B, nb, V) + run_scores[..., None]).view(B, nb * V)
+    if cfg.do_sample:
+        idx = torch.multinomial(acc.softmax(dim=-1), keep, generator=generator)
+        top_lp = acc.gather(1, idx)
+    else:
+        top_lp, idx = acc.topk(keep, dim=1)
+    return top_lp, idx // V, idx % V
+
+
 def _beam(make_step, input_ids, mask, cfg, eos, pad, generator) -> Generated:
-    """Beam search (optionally sampling the candidates), reference stopping and length normalisation."""
+    """Beam search (optionally sampling the candidates), reference stopping and length normalisation.
+
+    Sequences grow by one column per step, so memory follows the tokens generated, not `max_new_tokens`.
+    """
     B, T0 = input_ids.shape
     nb, dev = cfg.num_beams, input_ids.device
-    max_len = T0 + cfg.max_new_tokens
     keep = max(2, 1 + len(eos)) * nb
     step = make_step(nb)
     logits, state = step(input_ids.repeat_interleave(nb, 0), None)
     mask = mask.repeat_interleave(nb, 0)
-    running = torch.full((B, nb, max_len), pad, dtype=torch.long, device=dev)
-    running[:, :, :T0] = input_ids[:, None]
+    running = input_ids[:, None].repeat(1, nb, 1)  # (B, nb, T)
     run_scores = torch.zeros(B, nb, device=dev)
     run_scores[:, 1:] = NEG  # all beams start identical: only the first may expand at step one
-    done_seqs, done_scores = running.clone(), torch.full((B, nb), NEG, device=dev)
-    done_len = torch.full((B, nb), T0, dtype=torch.long, device=dev)
-    finished = torch.zeros(B, nb, dtype=torch.bool, device=dev)
+    lengths, filled = torch.full((B, nb), T0, device=dev), torch.zeros(B, nb, dtype=torch.bool, device=dev)
+    done = _Finished(running.clone(), torch.full((B, nb), NEG, device=dev), lengths, filled)
     improvable = torch.ones(B, 1, dtype=torch.bool, device=dev)
     top_nb = torch.arange(keep, device=dev) < nb
     eos_t = torch.tensor(eos, device=dev)
     batch_offset = torch.arange(B, device=dev)[:, None] * nb
     for t in range(cfg.max_new_tokens):
-        cur = T0 + t
-        logp = logits.float().log_softmax(dim=-1)
-        logp = _process(logp, running.view(B * nb, -1)[:, :cur], mask, t, cfg, eos)
+        cur, last = T0 + t, t == cfg.max_new_tokens - 1
+        logp = _process(logits.float().log_softmax(dim=-1), running.view(B * nb, -1), mask, t, cfg, eos)
         if cfg.do_sample:
             logp = _warp(logp, cfg)
-        V = logp.shape[-1]
-        acc = (logp.view(B, nb, V) + run_scores[..., None]).view(B, nb * V)
-        if cfg.do_sample:
-            idx = torch.multinomial(acc.softmax(dim=-1), keep, generator=generator)
-            top_lp = acc.gather(1, idx)
-        else:
-            top_lp, idx = acc.topk(keep, dim=1)
-        src, tok = idx // V, idx % V  # (B, keep) source beam and new token
-        cand = running.gather(1, src[..., None].expand(-1, -1, max_len)).clone()
-        cand[:, :, cur] = tok
-        hits = torch.isin(tok, eos_t) | (cur + 1 >= max_len)
+        top_lp, src, tok = _beam_candidates(logp, run_scores, keep, cfg, generator)
+        cand = torch.cat([running.gather(1, src[..., None].expand(-1, -1, cur)), tok[..., None]], dim=2)
+        hits = torch.isin(tok, eos_t) | last
         # the best `nb` candidates that did not end keep running
         run_lp = top_lp + hits.float() * NEG
         nxt = run_lp.topk(nb, dim=1).indices
-        running = cand.gather(1, nxt[..., None].expand(-1, -1, max_len))
-        run_scores = run_lp.gather(1, nxt)
-        beam_src = src.gather(1, nxt)
+        running = cand.gather(1, nxt[..., None].expand(-1, -1, cur + 1))
+        run_scores, beam_src = run_lp.gather(1, nxt), src.gather(1, nxt)
         # candidates among the top `nb` that ended join the finished pool if they beat its worst member
         norm = top_lp / ((cur + 1 - T0) ** cfg.length_penalty)
         if cfg.early_stopping:
-            norm = norm + (finished.all(dim=1, keepdim=True)).float() * NEG
-        norm = norm + (~improvable).float() * NEG
-        just = hits & top_nb[None, :]
-        norm = norm + (~just).float() * NEG
-        m_seqs = torch.cat([done_seqs, cand], dim=1)
-        m_scores = torch.cat([done_scores, norm], dim=1)
-        m_len = torch.cat([done_len, torch.full_like(tok, cur + 1)], dim=1)
-        m_fin = torch.cat([finished, just], dim=1)
-        best = m_scores.topk(nb, dim=1).indices
-        done_seqs = m_seqs.gather(1, best[..., None].expand(-1, -1, max_len))
-        done_scores, done_len, finished = m_scores.gather(1, best), m_len.gather(1, best), m_fin.gather(1, best)
+            norm = norm + (done.filled.all(dim=1, keepdim=True)).float() * NEG
+        ended = hits & top_nb[None, :]
+        norm = norm + (~improvable).float() * NEG + (~ended).float() * NEG
+        done.add(cand, norm, ended, cur + 1, pad)
         # stop when no running beam can beat the worst finished one (reference heuristic at the current length)
         best_possible = run_scores[:, :1] / ((cur + 1 - T0) ** cfg.length_penalty)
         worst_done = torch.where(
-            finished, done_scores.min(dim=1, keepdim=True).values, torch.full_like(done_scores, NEG)
+            done.filled, done.scores.min(dim=1, keepdim=True).values, torch.full_like(done.scores, NEG)
         )
         improvable = improvable & (best_possible > worst_done).any(dim=1, keepdim=True)
-        stop = (not improvable.any()) or bool(hits.all()) or (cfg.early_stopping and bool(finished.all()))
-        if stop or t == cfg.max_new_tokens - 1:
+        stop = (not improvable.any()) or bool(hits.all()) or (cfg.early_stopping and bool(done.filled.all()))
+        if stop or last:
             break
         flat = (beam_src + batch_offset).view(-1)
         state = reorder(state, flat)
         mask = torch.cat([mask.index_select(0, flat), torch.ones(B * nb, 1, dtype=mask.dtype, device=dev)], dim=1)
         logits, state = step(running[:, :, cur].reshape(-1, 1), state)
     R = cfg.num_return_sequences
-    tokens = [done_seqs[b, j, T0 : int(done_len[b, j])].tolist() for b in range(B) for j in range(R)]
-    gen_len = (done_len[:, :R] - T0).clamp(min=1).float()
-    raw = done_scores[:, :R] * gen_len**cfg.length_penalty  # undo the length normalisation: summed log-prob
+    tokens = [done.seqs[b, j, T0 : int(done.lengths[b, j])].tolist() for b in range(B) for j in range(R)]
+    gen_len = (done.lengths[:, :R] - T0).clamp(min=1).float()
+    raw = done.scores[:, :R] * gen_len**cfg.length_penalty  # undo the length normalisation: summed log-prob
     return Generated(tokens, raw.reshape(-1))

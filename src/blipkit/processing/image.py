@@ -18,31 +18,78 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 ImageLike = str | Path | Image.Image | torch.Tensor
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """Convert any mode to RGB as transformers' `convert_to_rgb` does: transparency is composited onto white."""
+def _to_rgb(image: Image.Image, name: str = "the PIL image") -> Image.Image:
+    """Convert any mode to RGB as transformers' `convert_to_rgb` does: transparency is composited onto white.
+
+    Policy for images of more than 8 bits, where PIL's own conversion clips every value above 255 (a 16-bit image
+    turns almost all white): 16-bit modes (`I;16*`) are scaled to 8 bits (v / 257, rounded); 32-bit integer (`I`)
+    and float (`F`) images have no fixed scale and are refused.
+    """
+    if image.mode.startswith("I;16"):
+        wide = np.asarray(image).astype(np.uint32)
+        return Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8), mode="L").convert("RGB")
+    if image.mode in ("I", "F"):
+        kind = "32-bit integer" if image.mode == "I" else "floating-point"
+        raise InputError(f"{name} has mode {image.mode!r} ({kind} pixels), whose brightness scale is unknown: "
+                         "convert it to an 8-bit image (mode 'L' or 'RGB') first")
     if "A" in image.getbands() or image.info.get("transparency") is not None:
         rgba = image.convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
     if image.mode == "RGB":
         return image  # the reference's convert("RGB") would only copy it
-    return image.convert("RGB")  # L, P, CMYK, 1, I;16, I, F: PIL's own conversion, as the reference
+    return image.convert("RGB")  # L, P, CMYK, 1, LA, ...: PIL's own conversion, as the reference
 
 
 def load_image(image: str | Path | Image.Image) -> Image.Image:
-    """Open a path or take a PIL image; apply its EXIF orientation and return it in RGB."""
+    """Open a path or take a PIL image; apply its EXIF orientation and return it in RGB.
+
+    Files of more than `PIL.Image.MAX_IMAGE_PIXELS` pixels (a decompression-bomb guard) are refused before decoding.
+    """
     name = "the PIL image" if isinstance(image, Image.Image) else f"image file '{image}'"
     try:
         if isinstance(image, Image.Image):  # never modified: transposing and converting make new images
             upright = image.getexif().get(ExifTags.Base.Orientation, 1) in (None, 1)
-            return _to_rgb(image if upright else ImageOps.exif_transpose(image))
+            return _to_rgb(image if upright else ImageOps.exif_transpose(image), name)
         with Image.open(image) as opened:
+            _check_size(opened, name)
             opened.load()  # decode now, so truncated files fail here and not later
             ImageOps.exif_transpose(opened, in_place=True)
-            return _to_rgb(opened)
+            return _to_rgb(opened, name)
+    except InputError:
+        raise
     except FileNotFoundError as e:
         raise InputError(f"{name} does not exist: check the path") from e
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError as e:
+        raise InputError(f"{name} is too large to decode ({e}): pass a smaller image") from e
+    except (OSError, SyntaxError, ValueError, EOFError, TypeError) as e:
         raise InputError(f"cannot read {name} ({e}): pass a complete image file that Pillow can open") from e
+
+
+def _check_size(image: Image.Image, name: str) -> None:
+    """Refuse an opened, not yet decoded, image with more pixels than Pillow's decompression-bomb limit."""
+    limit, (w, h) = Image.MAX_IMAGE_PIXELS, image.size
+    if limit is not None and w * h > limit:
+        raise InputError(f"{name} is {w}x{h} = {w * h} pixels, more than the {limit} allowed "
+                         "(PIL.Image.MAX_IMAGE_PIXELS, a decompression-bomb guard): pass a smaller image")
+
+
+def check_pixels(tensor: torch.Tensor, size: tuple[int, int], name: str = "the image tensor") -> torch.Tensor:
+    """A preprocessed image tensor (3, H, W) or (N, 3, H, W) -> (N, 3, H, W), checked: float, finite, `size`.
+
+    Integer and bool tensors are refused, not converted: a uint8 (3, H, W) tensor could be raw 0-255 pixels in
+    either RGB or BGR order, of any size, so it is not taken for normalised pixels.
+    """
+    shape = tuple(tensor.shape)
+    if not tensor.is_floating_point():
+        raise InputError(f"{name} has dtype {tensor.dtype}: a tensor is taken only as normalised float pixels; pass "
+                         "raw images as a path or a PIL image (or preprocess them with model.processor)")
+    batch = tensor.unsqueeze(0) if tensor.dim() == 3 else tensor
+    if batch.dim() != 4 or tuple(batch.shape[1:]) != (3, *size):
+        raise InputError(f"{name} has shape {shape}; preprocessed pixels are (3, {size[0]}, {size[1]}) or "
+                         f"(N, 3, {size[0]}, {size[1]}): pass a path or PIL image instead")
+    if batch.numel() and not bool(torch.isfinite(batch).all()):
+        raise InputError(f"{name} contains NaN or infinite values: pass finite normalised pixels")
+    return batch
 
 
 @dataclass(frozen=True)
@@ -118,13 +165,10 @@ class ImageProcessor:
         batches = []
         for i, item in enumerate(items):
             if isinstance(item, torch.Tensor):
-                batch = item.unsqueeze(0) if item.dim() == 3 else item
-                if batch.dim() != 4 or tuple(batch.shape[1:]) != (3, *self.size) or not batch.is_floating_point():
-                    raise InputError(f"image {i} is a tensor of shape {tuple(item.shape)} and dtype {item.dtype}; a "
-                                     f"preprocessed image is a float tensor of shape (3, {self.size[0]}, "
-                                     f"{self.size[1]}) or (N, 3, ...): pass a path or PIL image instead")
-                batches.append(batch)
+                batches.append(check_pixels(item, self.size, f"image {i} (a tensor)"))
             elif isinstance(item, (str, Path, Image.Image)):
+                if isinstance(item, str) and not item.strip():
+                    raise InputError(f"image {i} is an empty path: pass a path, a PIL image or a tensor")
                 batches.append(torch.from_numpy(self._pixels(load_image(item)))[None])
             else:
                 raise InputError(f"image {i} is a {type(item).__name__}: pass a path, a PIL image or a tensor")

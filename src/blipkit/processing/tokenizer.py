@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,26 @@ def _bpe_backend(vocab_file: Path, merges_file: Path, config: dict[str, Any]) ->
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=config.get("add_prefix_space", False))
     backend.decoder = decoders.ByteLevel()
     return backend
+
+
+_BLANK_CATEGORIES = ("Cc", "Cf", "Zs", "Zl", "Zp")  # control, format (e.g. zero-width space), separators
+
+
+def check_text(text: object, name: str) -> None:
+    """Raise InputError unless `text` is a string with a visible character that encodes as UTF-8.
+
+    Control and format characters (NUL, U+200B zero-width space, ...) count as blank: the tokenizers drop them, so
+    such a text would become an empty one.
+    """
+    if not isinstance(text, str):
+        raise InputError(f"{name} is a {type(text).__name__}, not a string: pass text")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InputError(f"{name} is not valid Unicode (character {e.start} is a lone surrogate "
+                         f"{text[e.start]!r}): pass text decoded as UTF-8") from e
+    if all(c.isspace() or unicodedata.category(c) in _BLANK_CATEGORIES for c in text):
+        raise InputError(f"{name} ({text[:40]!r}) is blank: pass text with visible characters")
 
 
 @dataclass
@@ -169,12 +190,16 @@ class Tokenizer:
         Texts longer than `max_length` tokens (default: the tokenizer's `model_max_length`, e.g. 512 for BERT) are
         truncated on the right, special tokens included in the count, as transformers' `truncation=True` does.
         """
-        texts = [texts] if isinstance(texts, str) else list(texts)
+        if isinstance(texts, str):
+            texts = [texts]
+        elif isinstance(texts, (list, tuple)):
+            texts = list(texts)
+        else:
+            raise InputError(f"texts must be a string or a list of strings, got {type(texts).__name__}")
         if not texts:
             raise InputError("no texts given: pass a non-empty string or a list of them")
         for i, text in enumerate(texts):
-            if not isinstance(text, str) or not text.strip():
-                raise InputError(f"text {i} ({text!r}) is empty or not a string: pass non-blank text")
+            check_text(text, f"text {i}")
         if padding_side not in ("right", "left"):
             raise InputError(f"padding_side={padding_side!r}: use 'right' or 'left'")
         n_special = self.backend.num_special_tokens_to_add(is_pair=False) if add_special_tokens else 0
