@@ -10,15 +10,19 @@ Every checkpoint tensor must be used, every parameter filled, every shape equal;
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from .errors import CheckpointError
+from .errors import CheckpointError, InputError
+from .fields import read_json, require
 
 WEIGHT_FILES = (
     "model.safetensors",
@@ -35,21 +39,34 @@ def read_config(directory: Path) -> dict:
     path = directory / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{directory}: no config.json; a checkpoint directory needs config.json and weights")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    return read_json(path)
 
 
 def _weight_files(directory: Path) -> list[Path]:
     for name in WEIGHT_FILES:
         path = directory / name
         if path.is_file():
-            if name.endswith(".index.json"):
-                index = json.loads(path.read_text())
-                return sorted({directory / f for f in index["weight_map"].values()})
-            return [path]
+            return _index_files(path, directory) if name.endswith(".index.json") else [path]
     raise CheckpointError(f"{directory}: no weights found (looked for {', '.join(WEIGHT_FILES)})")
+
+
+def _index_files(path: Path, directory: Path) -> list[Path]:
+    """The shard files a weight index names: each a file name inside `directory` that exists."""
+    weight_map = read_json(path).get("weight_map")
+    require(isinstance(weight_map, dict) and bool(weight_map), path, "weight_map",
+            f"is {weight_map!r:.60}, not an object mapping tensor names to shard files")
+    files = set()
+    for key, name in weight_map.items():
+        where = f"weight_map.{key}"
+        require(isinstance(name, str) and bool(name), path, where, f"is {name!r:.60}, not a file name")
+        require(not Path(name).is_absolute() and ".." not in Path(name).parts, path, where,
+                f"is {name!r:.60}, outside the checkpoint directory; shards are named relative to it")
+        shard = directory / name
+        if not shard.is_file():
+            raise CheckpointError(f"{path}: '{where}' names {name!r:.60}, which is missing from {directory}; "
+                                  "download every shard the index lists")
+        files.add(shard)
+    return sorted(files)
 
 
 # safetensors dtype names -> torch dtypes
@@ -85,27 +102,14 @@ def _read_safetensors(path: Path, dtype_for: DtypeFor) -> Iterator[tuple[str, Te
             if not isinstance(header, dict):
                 raise ValueError("the header is not a JSON object")
             mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > 8 + n else None
-    except (OSError, ValueError) as e:  # unreadable, or not a safetensors file
+    except (OSError, ValueError, RecursionError) as e:  # unreadable, or not a safetensors file
         raise CheckpointError(f"{path}: cannot read safetensors file ({e})") from None
     header.pop("__metadata__", None)
     page = mmap.PAGESIZE
-    try:
-        entries = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
-    except (KeyError, TypeError, IndexError) as e:
-        raise CheckpointError(f"{path}: malformed safetensors header ({e!r})") from None
-    for key, info in entries:
-        src = SAFETENSORS_DTYPES.get(info.get("dtype"))
-        if src is None:
-            raise CheckpointError(f"{path}: tensor '{key}' has dtype {info.get('dtype')}, which blipkit does not load")
-        start, end = (8 + n + o for o in info["data_offsets"])
-        if end > size:
-            raise CheckpointError(f"{path}: truncated file ('{key}' ends at byte {end}, the file has {size})")
+    for key, src, shape, start, end in _entries(header, path, 8 + n, size):
         count = (end - start) // src.itemsize
-        try:
-            view = torch.frombuffer(mm, dtype=src, count=count, offset=start) if count else torch.empty(0, dtype=src)
-            view = view.view(info["shape"])
-        except (RuntimeError, ValueError, TypeError) as e:
-            raise CheckpointError(f"{path}: tensor '{key}' does not fit its shape {info.get('shape')} ({e})") from None
+        view = torch.frombuffer(mm, dtype=src, count=count, offset=start) if count else torch.empty(0, dtype=src)
+        view = view.view(shape)
         target = dtype_for(key, src)
         if target == src:
             yield key, view
@@ -114,6 +118,33 @@ def _read_safetensors(path: Path, dtype_for: DtypeFor) -> Iterator[tuple[str, Te
         del view
         if count and hasattr(mm, "madvise"):
             mm.madvise(mmap.MADV_DONTNEED, start - start % page, end - start + start % page)
+
+
+def _naturals(value: object) -> bool:
+    """Whether `value` is a JSON list of non-negative integers."""
+    return isinstance(value, list) and all(type(i) is int and i >= 0 for i in value)
+
+
+def _entries(header: dict, path: Path, base: int, size: int) -> list[tuple[str, torch.dtype, list[int], int, int]]:
+    """A safetensors header's tensors as (key, dtype, shape, start, end) in file order, each checked to fit the file."""
+    out = []
+    for key, info in header.items():
+        if not isinstance(info, dict):
+            raise CheckpointError(f"{path}: malformed safetensors header (entry '{key}' is not an object)")
+        name, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        src = SAFETENSORS_DTYPES.get(name) if isinstance(name, str) else None
+        if src is None:
+            raise CheckpointError(f"{path}: tensor '{key}' has dtype {name!r:.40}, which blipkit does not load")
+        if not (_naturals(shape) and _naturals(offsets) and len(offsets) == 2 and offsets[0] <= offsets[1]):
+            raise CheckpointError(f"{path}: malformed safetensors header (tensor '{key}': shape {shape!r:.40}, "
+                                  f"data_offsets {offsets!r:.40})")
+        start, end = base + offsets[0], base + offsets[1]
+        if end > size:
+            raise CheckpointError(f"{path}: truncated file ('{key}' ends at byte {end}, the file has {size})")
+        if math.prod(shape) * src.itemsize != end - start:
+            raise CheckpointError(f"{path}: tensor '{key}' does not fit its shape {shape} ({end - start} bytes)")
+        out.append((key, src, shape, start, end))
+    return sorted(out, key=lambda entry: entry[3])
 
 
 def iter_tensors(directory: Path, dtype_for: DtypeFor | None = None) -> Iterator[tuple[str, Tensor, Path]]:
@@ -154,55 +185,74 @@ def load_weights(
     that name gets its own parameter. `model.unused_checkpoint_keys` (if any) are skipped.
     `keep_float32(name)` marks parameters that stay in float32 whatever `dtype` is.
     """
-    aliases: dict[int, list[str]] = {}
+    aliases: dict[int, list[str]] = {}  # parameter id -> its names, canonical first
     params: dict[str, nn.Parameter] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         aliases.setdefault(id(p), []).append(name)
         params[name] = p
-    unused = set(getattr(model, "unused_checkpoint_keys", ()))
 
     def dtype_for(key: str, stored: torch.dtype) -> torch.dtype:
         if not stored.is_floating_point:
             return stored
         return torch.float32 if keep_float32(key) else (dtype or stored)
 
-    def convert(key: str, tensor: Tensor, p: nn.Parameter) -> nn.Parameter:
-        return nn.Parameter(tensor.to(device) if device is not None else tensor, requires_grad=p.requires_grad)
-
     filled: dict[int, nn.Parameter] = {}
     copies: dict[str, nn.Parameter] = {}  # tied names the file stores separately
+    skip = set(getattr(model, "unused_checkpoint_keys", ()))
     for key, tensor, path in iter_tensors(directory, dtype_for):
-        if key not in params:
-            if key.endswith(DERIVED_SUFFIXES) or key in unused:
-                continue
-            raise CheckpointError(
-                f"{path}: unexpected key '{key}' — the checkpoint has a tensor this {type(model).__name__} "
-                f"does not (wrong architecture or config.json?)"
-            )
-        p = params[key]
-        if tuple(tensor.shape) != tuple(p.shape):
-            raise CheckpointError(
-                f"{path}: shape mismatch for '{key}': checkpoint {tuple(tensor.shape)}, model {tuple(p.shape)}"
-            )
-        if key != aliases[id(p)][0]:
-            copies[key] = convert(key, tensor, p)
+        p = _checked_param(model, params, key, tensor, path, skip)
+        if p is None:
             continue
-        new = convert(key, tensor, p)
+        new = nn.Parameter(tensor.to(device) if device is not None else tensor, requires_grad=p.requires_grad)
+        if key != aliases[id(p)][0]:
+            copies[key] = new
+            continue
         for name in aliases[id(p)]:
             _set(model, name, new)
         filled[id(p)] = new
+    _retie(model, params, aliases, filled, copies)
+    missing = [names[0] for pid, names in aliases.items() if pid not in filled]
+    if missing:
+        shown = ", ".join(f"'{m}'" for m in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise CheckpointError(f"{directory}: missing {len(missing)} tensor(s) the model needs: {shown}")
+
+
+def _checked_param(
+    model: nn.Module, params: dict[str, nn.Parameter], key: str, tensor: Tensor, path: Path, skip: set[str]
+) -> nn.Parameter | None:
+    """The parameter a checkpoint tensor fills (None for keys blipkit derives or skips), its shape checked."""
+    if key not in params:
+        if key.endswith(DERIVED_SUFFIXES) or key in skip:
+            return None
+        raise CheckpointError(
+            f"{path}: unexpected key '{key}' — the checkpoint has a tensor this {type(model).__name__} "
+            f"does not (wrong architecture or config.json?)"
+        )
+    p = params[key]
+    if tuple(tensor.shape) != tuple(p.shape):
+        raise CheckpointError(
+            f"{path}: shape mismatch for '{key}': checkpoint {tuple(tensor.shape)}, model {tuple(p.shape)}"
+        )
+    return p
+
+
+def _retie(
+    model: nn.Module,
+    params: dict[str, nn.Parameter],
+    aliases: dict[int, list[str]],
+    filled: dict[int, nn.Parameter],
+    copies: dict[str, nn.Parameter],
+) -> None:
+    """Place the tied copies a file stored under non-canonical names: the only copy fills every name; a copy equal
+    to the canonical tensor stays tied; a different one becomes that name's own parameter."""
     for key, copy in copies.items():
         pid = id(params[key])
-        if pid not in filled:  # only the tied copy is stored: it fills every name
+        if pid not in filled:
             for name in aliases[pid]:
                 _set(model, name, copy)
             filled[pid] = copy
         elif not torch.equal(filled[pid], copy):
             _set(model, key, copy)
-    missing = [names[0] for pid, names in aliases.items() if pid not in filled]
-    if missing:
-        shown = ", ".join(f"'{m}'" for m in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise CheckpointError(f"{directory}: missing {len(missing)} tensor(s) the model needs: {shown}")
 
 
 def state_dict_for_saving(model: nn.Module) -> dict[str, Tensor]:
@@ -232,6 +282,37 @@ def write_safetensors(tensors: dict[str, Tensor], path: Path) -> Path:
     os.chmod(tmp, 0o666 & ~umask)
     os.replace(tmp, path)
     return path
+
+
+def write_directory(directory: Path, write: Callable[[Path], None]) -> Path:
+    """Write a checkpoint into `directory` all or nothing: `write(staging)` fills a fresh staging folder inside it,
+    then each file is renamed into place (config.json last), replacing files of the same names.
+
+    A failure while writing (disk full, a bad value) removes the staging folder and leaves `directory` as it was.
+    Files of other names already there stay. Target problems (a file, a path under a file, no permission) are one
+    InputError naming the path.
+    """
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise InputError(f"cannot save to '{directory}': it is a file; pass a directory (new or existing)")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".saving-", dir=directory))
+    except OSError as e:
+        raise InputError(f"cannot save to '{directory}' ({e.strerror or e}): pass a directory you can write") from None
+    try:
+        try:
+            write(staging)
+        except OSError as e:
+            raise InputError(f"cannot save to '{directory}' ({e.strerror or e}); it was left as it was") from None
+        try:
+            for name in sorted((p.name for p in staging.iterdir()), key=lambda name: name == "config.json"):
+                os.replace(staging / name, directory / name)
+        except OSError as e:
+            raise InputError(f"cannot move saved files into '{directory}' ({e.strerror or e}); save again") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return directory
 
 
 def save_weights(model: nn.Module, directory: Path) -> None:

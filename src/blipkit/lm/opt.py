@@ -11,6 +11,21 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import CheckpointError, InputError
+from ..fields import (
+    BOOL,
+    MAX_FFN,
+    MAX_HEADS,
+    MAX_HIDDEN,
+    MAX_LAYERS,
+    MAX_POSITIONS,
+    MAX_VOCAB,
+    PROB,
+    Int,
+    Rule,
+    check,
+    check_heads,
+    check_token_ids,
+)
 from ..layers import embedding
 
 KV = tuple[Tensor, Tensor]  # cached keys and values of one layer, each (B, nh, S, hs)
@@ -50,12 +65,39 @@ class OPTConfig:
             )
 
     @classmethod
-    def from_hf(cls, cfg: dict[str, Any]) -> OPTConfig:
-        """Build from a transformers `config.json` dict (keys this model does not use are ignored)."""
+    def from_hf(cls, cfg: dict[str, Any], source: str = "config.json", prefix: str = "") -> OPTConfig:
+        """Build from a transformers `config.json` dict, every value checked (keys this model does not use are ignored).
+
+        `source` and `prefix` (e.g. "text_config.") say where the dict comes from, for errors naming file and key.
+        """
+        check(cfg, OPT_RULES, source, prefix)
         names = {f.name for f in fields(cls)}
         kwargs = {k: v for k, v in cfg.items() if k in names}
-        kwargs["remove_final_layer_norm"] = bool(cfg.get("_remove_final_layer_norm", False))
-        return cls(**kwargs)
+        kwargs["remove_final_layer_norm"] = cfg.get("_remove_final_layer_norm", False)
+        out = cls(**kwargs)
+        ids = ("pad_token_id", "bos_token_id", "eos_token_id")
+        check_token_ids(cfg, out, source, prefix, ids, required=ids)
+        check_heads(out.hidden_size, out.num_attention_heads, source, prefix)
+        return out
+
+
+OPT_RULES: dict[str, Rule] = {
+    "vocab_size": Int(1, MAX_VOCAB),
+    "hidden_size": Int(1, MAX_HIDDEN),
+    "num_hidden_layers": Int(1, MAX_LAYERS),
+    "ffn_dim": Int(1, MAX_FFN),
+    "num_attention_heads": Int(1, MAX_HEADS),
+    "max_position_embeddings": Int(1, MAX_POSITIONS),
+    "do_layer_norm_before": BOOL,
+    "_remove_final_layer_norm": BOOL,
+    "word_embed_proj_dim": Int(1, MAX_HIDDEN, nullable=True),
+    "enable_bias": BOOL,
+    "layer_norm_elementwise_affine": BOOL,
+    "activation_function": Rule(str, choices=tuple(ACTIVATIONS)),
+    "dropout": PROB,
+    "attention_dropout": PROB,
+    "tie_word_embeddings": BOOL,
+}
 
 
 class OPTLearnedPositionalEmbedding(nn.Embedding):

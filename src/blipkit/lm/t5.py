@@ -12,6 +12,22 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import CheckpointError, InputError
+from ..fields import (
+    BOOL,
+    EPS,
+    MAX_FFN,
+    MAX_HEADS,
+    MAX_HIDDEN,
+    MAX_LAYERS,
+    MAX_POSITIONS,
+    MAX_VOCAB,
+    PROB,
+    Int,
+    Rule,
+    check,
+    check_token_ids,
+    require,
+)
 from ..layers import embedding
 
 KV = tuple[Tensor, Tensor]  # keys and values of one attention layer, each (B, nh, S, hs)
@@ -60,10 +76,43 @@ class T5Config:
         self.dense_act_fn = "gelu_new" if self.feed_forward_proj == "gated-gelu" else act
 
     @classmethod
-    def from_hf(cls, cfg: dict[str, Any]) -> T5Config:
-        """Build from a transformers `config.json` dict (keys this model does not use are ignored)."""
+    def from_hf(cls, cfg: dict[str, Any], source: str = "config.json", prefix: str = "") -> T5Config:
+        """Build from a transformers `config.json` dict, every value checked (keys this model does not use are ignored).
+
+        `source` and `prefix` (e.g. "text_config.") say where the dict comes from, for errors naming file and key.
+        """
+        check(cfg, T5_RULES, source, prefix)
+        proj = cfg.get("feed_forward_proj", "relu")
+        gate, _, act = proj.rpartition("-")
+        require(gate in ("", "gated") and act in ACTIVATIONS, source, prefix + "feed_forward_proj",
+                f"is {proj!r}, not ACT or gated-ACT with ACT one of {', '.join(ACTIVATIONS)}")
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in cfg.items() if k in names})
+        out = cls(**{k: v for k, v in cfg.items() if k in names})
+        used = ("pad_token_id", "eos_token_id", "decoder_start_token_id")
+        check_token_ids(cfg, out, source, prefix, (*used, "bos_token_id"), required=used)
+        buckets, distance = out.relative_attention_num_buckets, out.relative_attention_max_distance
+        require(buckets >= 4, source, prefix + "relative_attention_num_buckets", f"is {buckets}, fewer than 4")
+        require(distance > buckets // 2, source, prefix + "relative_attention_max_distance",
+                f"is {distance}, not above half the {buckets} buckets")
+        return out
+
+
+T5_RULES: dict[str, Rule] = {
+    "vocab_size": Int(1, MAX_VOCAB),
+    "d_model": Int(1, MAX_HIDDEN),
+    "d_kv": Int(1, MAX_HIDDEN),
+    "d_ff": Int(1, MAX_FFN),
+    "num_layers": Int(1, MAX_LAYERS),
+    "num_decoder_layers": Int(1, MAX_LAYERS, nullable=True),
+    "num_heads": Int(1, MAX_HEADS),
+    "relative_attention_num_buckets": Int(1, MAX_POSITIONS),
+    "relative_attention_max_distance": Int(1, MAX_POSITIONS),
+    "dropout_rate": PROB,
+    "layer_norm_epsilon": EPS,
+    "feed_forward_proj": Rule(str),
+    "tie_word_embeddings": BOOL,
+    "scale_decoder_outputs": Rule(bool, nullable=True),
+}
 
 
 def _clamp_fp16(x: Tensor) -> Tensor:

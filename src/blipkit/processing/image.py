@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -12,6 +13,7 @@ import torch
 from PIL import ExifTags, Image, ImageOps
 
 from ..errors import CheckpointError, InputError
+from ..fields import BOOL, MAX_IMAGE_SIZE, Float, Int, Rule, check, fail
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -92,6 +94,27 @@ def check_pixels(tensor: torch.Tensor, size: tuple[int, int], name: str = "the i
     return batch
 
 
+def _numbers(rule: Rule, count: int) -> Callable[[Any], str | None]:
+    """A check for a list of `count` numbers, each obeying `rule`."""
+
+    def problem(value: Any) -> str | None:
+        if not isinstance(value, (list, tuple)) or len(value) != count:
+            return f"not a list of {count} numbers"
+        return next((f"whose item {i} is {p}" for i, p in enumerate(map(rule.problem, value)) if p is not None), None)
+
+    return problem
+
+
+# What each setting may be; the size is (height, width) by then.
+_PROBLEMS: dict[str, Callable[[Any], str | None]] = {
+    "size": _numbers(Int(1, MAX_IMAGE_SIZE), 2),
+    "mean": _numbers(Float(), 3),
+    "std": _numbers(Float(0.0, lo_open=True), 3),
+    "resample": Rule(int, choices=tuple(int(f) for f in Image.Resampling)).problem,
+    "rescale_factor": Float(0.0, lo_open=True).problem,
+}
+
+
 @dataclass(frozen=True)
 class ImageProcessor:
     """Resize (PIL, bicubic) → rescale 1/255 → normalise, bit-identical to transformers' `BlipImageProcessorPil`.
@@ -113,30 +136,52 @@ class ImageProcessor:
     rescale_factor: float = 1 / 255
 
     def __post_init__(self) -> None:
-        size = (self.size, self.size) if isinstance(self.size, int) else tuple(self.size)
+        size = self.size
+        if isinstance(size, list):
+            size = tuple(size)
+        elif isinstance(size, int) and not isinstance(size, bool):
+            size = (size, size)
         object.__setattr__(self, "size", size)
+        for name, value in (("size", size), ("mean", self.mean), ("std", self.std), ("resample", self.resample),
+                            ("rescale_factor", self.rescale_factor)):
+            problem = _PROBLEMS[name](value)
+            if problem is not None:
+                raise InputError(f"ImageProcessor got {name}={value!r:.60}, {problem}")
         object.__setattr__(self, "mean", tuple(self.mean))
         object.__setattr__(self, "std", tuple(self.std))
-        if len(size) != 2 or len(self.mean) != 3 or len(self.std) != 3:
-            raise InputError(f"ImageProcessor needs (H, W), 3 means, 3 stds; got {size}, {self.mean}, {self.std}")
 
     @classmethod
-    def from_hf(cls, config: dict[str, Any]) -> ImageProcessor:
-        """Build from the dict of a `preprocessor_config.json` (BlipImageProcessor)."""
+    def from_hf(cls, config: dict[str, Any], source: str | Path = "preprocessor_config.json") -> ImageProcessor:
+        """Build from the dict of a `preprocessor_config.json` (BlipImageProcessor), every value checked.
+
+        Errors are CheckpointErrors naming `source` and the key: the size is limited to 1..MAX_IMAGE_SIZE pixels per
+        side, mean and std are 3 finite numbers (std > 0), resample a PIL filter, rescale_factor finite and > 0.
+        """
+        check(config, {"do_resize": BOOL, "do_rescale": BOOL, "do_normalize": BOOL}, source)
         for key in ("do_resize", "do_rescale", "do_normalize"):
             if not config.get(key, True):
-                raise CheckpointError(f"preprocessor_config.json sets {key}=false; blipkit supports only the BLIP "
-                                      "pipeline (resize, rescale, normalise): remove the key or preprocess yourself")
-        size = config.get("size", 384)
+                raise CheckpointError(f"{source}: '{key}' is false; blipkit supports only the BLIP pipeline (resize, "
+                                      "rescale, normalise): remove the key or preprocess images yourself")
+        size = raw_size = config.get("size", 384)
         if isinstance(size, dict):
-            if "height" not in size or "width" not in size:
-                raise CheckpointError(f"preprocessor_config.json size {size} lacks 'height'/'width': BLIP resizes "
-                                      "to a fixed (height, width)")
+            missing = [k for k in ("height", "width") if k not in size]
+            if missing:
+                raise fail(source, "size", f"is {size!r:.60}, without {' and '.join(missing)}: BLIP resizes to "
+                           "a fixed {'height': H, 'width': W}")
             size = (size["height"], size["width"])
-        return cls(size=size, mean=config.get("image_mean", OPENAI_CLIP_MEAN),
-                   std=config.get("image_std", OPENAI_CLIP_STD),
-                   resample=int(config.get("resample", Image.Resampling.BICUBIC)),
-                   rescale_factor=config.get("rescale_factor", 1 / 255))
+        elif isinstance(size, int) and not isinstance(size, bool):
+            size = (size, size)
+        values = {"size": size, "mean": config.get("image_mean", OPENAI_CLIP_MEAN),
+                  "std": config.get("image_std", OPENAI_CLIP_STD),
+                  "resample": config.get("resample", Image.Resampling.BICUBIC),
+                  "rescale_factor": config.get("rescale_factor", 1 / 255)}
+        keys = {"mean": "image_mean", "std": "image_std"}
+        for name, value in values.items():
+            problem = _PROBLEMS[name](value)
+            if problem is not None:
+                shown = raw_size if name == "size" else value
+                raise fail(source, keys.get(name, name), f"is {shown!r:.60}, {problem}")
+        return cls(**values)
 
     def to_hf(self) -> dict[str, Any]:
         """The `preprocessor_config.json` dict transformers' `BlipImageProcessor` reads (inverse of `from_hf`)."""

@@ -15,6 +15,7 @@ from tokenizers import Tokenizer as Backend
 from tokenizers.models import BPE, WordPiece
 
 from ..errors import CheckpointError, InputError
+from ..fields import BOOL, Int, Rule, check, fail, read_json
 
 _SPECIAL_NAMES = ("bos", "eos", "unk", "sep", "pad", "cls", "mask")  # transformers' order of adding them
 _BERT_SPECIALS = {"unk": "[UNK]", "sep": "[SEP]", "pad": "[PAD]", "cls": "[CLS]", "mask": "[MASK]"}
@@ -23,14 +24,55 @@ BLIP_DEC, BLIP_ENC = "[DEC]", "[ENC]"  # BLIP's decoder-start (bos) and image-gr
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"cannot parse {path} ({e}): restore the file from the checkpoint") from e
+    """A tokenizer JSON file as a dict ({} when absent); CheckpointError naming the file when unreadable."""
+    return read_json(path) if path.is_file() else {}
 
 
 def _content(token: Any) -> str | None:
     return token.get("content") if isinstance(token, dict) else token
+
+
+def _token_problem(token: Any) -> str | None:
+    """Why `token` is not a token entry (a string, or an object with a string "content"), or None."""
+    if isinstance(token, str) or (isinstance(token, dict) and isinstance(token.get("content"), str)):
+        return None
+    return f"is {token!r:.60}, not a token (a string or an object with a string 'content')"
+
+
+def _check_token_file(d: dict[str, Any], path: Path) -> None:
+    """The special-token entries and flags of tokenizer_config.json or special_tokens_map.json, checked."""
+    for name in _SPECIAL_NAMES:
+        token = d.get(f"{name}_token")
+        if token is not None and _token_problem(token):
+            raise fail(path, f"{name}_token", _token_problem(token))
+    for key in ("extra_special_tokens", "additional_special_tokens"):
+        extra = d.get(key)
+        items = list(extra.values()) if isinstance(extra, dict) else extra
+        if extra is not None and not isinstance(items, list):
+            raise fail(path, key, f"is {extra!r:.60}, not a list of tokens")
+        problem = next((_token_problem(t) for t in items or [] if _token_problem(t)), None)
+        if problem:
+            raise fail(path, key, f"has an item that {problem}")
+    flags = ("do_lower_case", "tokenize_chinese_chars", "add_prefix_space", "add_bos_token", "add_eos_token")
+    check(d, {k: BOOL for k in flags}, path)
+    check(d, {k: Rule(bool, nullable=True) for k in ("strip_accents", "clean_up_tokenization_spaces")}, path)
+    decoder = d.get("added_tokens_decoder", {})
+    if not isinstance(decoder, dict):
+        raise fail(path, "added_tokens_decoder", f"is {decoder!r:.60}, not an object of id -> token")
+    allowed = {"content", "single_word", "lstrip", "rstrip", "normalized", "special", "__type"}
+    for i, token in decoder.items():
+        ok = i.isdigit() and isinstance(token, dict) and isinstance(token.get("content"), str) and set(token) <= allowed
+        if not ok or not all(isinstance(v, bool) for k, v in token.items() if k not in ("content", "__type")):
+            raise fail(path, f"added_tokens_decoder.{i}", f"is {token!r:.60}, not an id mapped to an added token")
+
+
+def _max_length(config: dict[str, Any], path: Path) -> int | None:
+    """`model_max_length`: None when absent or huge (transformers writes 1e30 for "no limit"), else at least 2."""
+    value = config.get("model_max_length")
+    if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 10**9):
+        return None
+    check(config, {"model_max_length": Int(2)}, path)
+    return value
 
 
 def _special_tokens(config: dict[str, Any], token_map: dict[str, Any]) -> tuple[dict[str, str], list[str]]:
@@ -42,9 +84,28 @@ def _special_tokens(config: dict[str, Any], token_map: dict[str, Any]) -> tuple[
     return named, [_content(t) for t in extra]
 
 
+def _added_tokens(path: Path) -> dict[str, int]:
+    """added_tokens.json (token -> id), checked; {} when absent."""
+    added = _read_json(path)
+    bad = next((k for k, v in added.items() if type(v) is not int or v < 0), None)
+    if bad is not None:
+        raise fail(path, bad, f"is {added[bad]!r:.60}, not a token id")
+    return added
+
+
+def _read_text(path: Path) -> str:
+    """A tokenizer text file (vocab.txt, merges.txt) as UTF-8; CheckpointError naming the file otherwise."""
+    try:
+        return path.read_bytes().decode("utf-8")
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read it ({e.strerror or e}); check the file's permissions") from None
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path}: not UTF-8 text (byte {e.start}); restore it from the checkpoint") from None
+
+
 def _bert_backend(vocab_file: Path, config: dict[str, Any]) -> Backend:
     """BERT WordPiece exactly as transformers' BertTokenizer builds it from `vocab.txt`."""
-    lines = vocab_file.read_text(encoding="utf-8").split("\n")
+    lines = _read_text(vocab_file).split("\n")
     vocab = {token: i for i, token in enumerate(lines[:-1] if lines[-1] == "" else lines)}
     backend = Backend(WordPiece(vocab, unk_token=_content(config.get("unk_token")) or "[UNK]"))
     backend.normalizer = normalizers.BertNormalizer(
@@ -57,7 +118,13 @@ def _bert_backend(vocab_file: Path, config: dict[str, Any]) -> Backend:
 
 def _bpe_backend(vocab_file: Path, merges_file: Path, config: dict[str, Any]) -> Backend:
     """GPT-2 byte-level BPE as transformers' GPT2Tokenizer builds it (OPT uses it with `add_bos_token`)."""
-    vocab, merges = BPE.read_file(str(vocab_file), str(merges_file))
+    read_json(vocab_file)
+    _read_text(merges_file)
+    try:
+        vocab, merges = BPE.read_file(str(vocab_file), str(merges_file))
+    except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception on malformed files
+        raise CheckpointError(f"cannot load {vocab_file} with {merges_file.name} ({e}): restore them from the "
+                              "checkpoint") from None
     backend = Backend(BPE(vocab, merges, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=config.get("add_prefix_space", False))
     backend.decoder = decoders.ByteLevel()
@@ -106,8 +173,10 @@ class Tokenizer:
     def from_dir(cls, path: str | Path) -> Tokenizer:
         """Load tokenizer.json, else BERT vocab.txt, else GPT-2/OPT vocab.json + merges.txt, with their configs."""
         path = Path(path)
-        config = _read_json(path / "tokenizer_config.json")
-        named, extra = _special_tokens(config, _read_json(path / "special_tokens_map.json"))
+        config, token_map = _read_json(path / "tokenizer_config.json"), _read_json(path / "special_tokens_map.json")
+        _check_token_file(config, path / "tokenizer_config.json")
+        _check_token_file(token_map, path / "special_tokens_map.json")
+        named, extra = _special_tokens(config, token_map)
         if (path / "tokenizer.json").is_file():
             try:
                 backend = Backend.from_file(str(path / "tokenizer.json"))
@@ -129,20 +198,35 @@ class Tokenizer:
                                   "vocab.json + merges.txt (GPT-2/OPT); download the checkpoint's tokenizer files")
         if backend.token_to_id(BLIP_DEC) is not None:
             named.setdefault("bos", BLIP_DEC)
-        max_length = config.get("model_max_length")
-        tok = cls(backend, named, extra, max_length if isinstance(max_length, int) and max_length < 10**9 else None,
+        tok = cls(backend, named, extra, _max_length(config, path / "tokenizer_config.json"),
                   bool(config.get("clean_up_tokenization_spaces", False)))
         if template is not None:
-            tok._add_declared_tokens(config, _read_json(path / "added_tokens.json"))
+            tok._add_declared_tokens(config, _added_tokens(path / "added_tokens.json"), path)
         tok._add_special_tokens()
         if template is not None:
             specials = [t for t in template if t != "$A"]
             backend.post_processor = processors.TemplateProcessing(
                 single=template, special_tokens=[(t, backend.token_to_id(t)) for t in dict.fromkeys(specials)])
+        tok._probe(path)
         return tok
 
-    def _add_declared_tokens(self, config: dict[str, Any], added_tokens: dict[str, int]) -> None:
-        """Register the added tokens that tokenizer_config.json / added_tokens.json declare, at their ids."""
+    def _probe(self, path: Path) -> None:
+        """Encode and decode a sample once, so tokenizer files that load but cannot work fail here, naming them."""
+        try:
+            ids = self.backend.encode("a photo of 2 cats.", add_special_tokens=True).ids
+            self.backend.decode(ids)
+        except BaseException as e:  # bare Exceptions, and Rust panics (PanicException, a BaseException)
+            if isinstance(e, (KeyboardInterrupt, SystemExit, GeneratorExit)):
+                raise
+            raise CheckpointError(f"{path}: the tokenizer files load but cannot encode text ({e}); restore them "
+                                  "from the checkpoint") from None
+        if not ids or max(ids) >= self.vocab_size:
+            what = "no tokens" if not ids else f"id {max(ids)}, beyond its {self.vocab_size} tokens"
+            raise CheckpointError(f"{path}: the tokenizer encodes a sample text to {what}; restore the tokenizer "
+                                  "files from the checkpoint")
+
+    def _add_declared_tokens(self, config: dict[str, Any], added_tokens: dict[str, int], path: Path) -> None:
+        """Register the added tokens that tokenizer_config.json / added_tokens.json in `path` declare, at their ids."""
         declared = {int(i): AddedToken(**{k: v for k, v in t.items() if k != "__type"})
                     for i, t in config.get("added_tokens_decoder", {}).items()}
         specials = set(self.special.values()) | set(self.extra_special)
@@ -151,8 +235,9 @@ class Tokenizer:
         for i, token in sorted(declared.items()):
             self.backend.add_tokens([token])
             if self.backend.token_to_id(token.content) != i:
-                raise CheckpointError(f"added token {token.content!r} should have id {i} but gets "
-                                      f"{self.backend.token_to_id(token.content)}: the tokenizer files disagree")
+                raise CheckpointError(f"{path}: added token {token.content!r} should have id {i} but gets "
+                                      f"{self.backend.token_to_id(token.content)}: the tokenizer files disagree; "
+                                      "restore them from the checkpoint")
 
     def _add_special_tokens(self) -> None:
         """Make the named then the extra special tokens added tokens, as transformers does (new ones get new ids)."""
