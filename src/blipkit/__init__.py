@@ -98,6 +98,9 @@ def load(
             float16 to keep the package small, load as float32).
         quantize: "int8" or "bf16" weight-only quantization of the decoding parts (see `blipkit.quantize`);
             a quantized model cannot be saved.
+
+    A directory written by `blipkit export MODEL --format onnx` (it has `onnx.json`) loads as a model whose towers
+    run on onnxruntime, with the same methods.
     """
     from . import checkpoint, processing
     from .fields import fail, read_json
@@ -105,6 +108,13 @@ def load(
     from .quantize import quantize as quantize_weights
 
     check_mode(quantize)
+    if isinstance(name_or_path, (str, Path)) and (Path(name_or_path) / "onnx.json").is_file():
+        from .export.runtime import load_onnx
+
+        if device not in (None, "cpu") or dtype is not None or quantize is not None:
+            raise InputError(f"{name_or_path} is an ONNX export, which runs on onnxruntime on the CPU as exported: "
+                             "drop device / dtype / quantize (int8 is chosen at export: --quantize int8)")
+        return load_onnx(Path(name_or_path))
 
     name = _path(name_or_path, "name_or_path")
     device, dtype = resolve_device(device), resolve_dtype(dtype)

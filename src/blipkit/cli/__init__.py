@@ -17,7 +17,8 @@ import sys
 from ..errors import BlipkitError
 from .common import Parser, ParserError, check_texts, one_line, write_line
 
-COMMAND_MODULES = ("blipkit.cli.tasks", "blipkit.cli.train", "blipkit.cli.collections", "blipkit.cli.serve")
+COMMAND_MODULES = ("blipkit.cli.tasks", "blipkit.cli.train", "blipkit.cli.collections", "blipkit.cli.serve",
+                   "blipkit.cli.export")
 DEFAULT_MODEL = "scenes-blip"
 
 
