@@ -39,8 +39,8 @@ def _first_stage(table, column: str, query: np.ndarray, n: int, where: str | Non
     if refine_factor is not None:
         nearest["refine_factor"] = refine_factor
     try:
-        return table.to_table(columns=[c for c in (*SHOWN, *extra) if c in names], nearest=nearest, filter=where,
-                              prefilter=True)
+        return table.to_table(columns=[c for c in (*SHOWN, *extra) if c in names] + ["_distance"], nearest=nearest,
+                              filter=where, prefilter=True)
     except Exception as e:  # lance reports a bad filter as a generic error
         if where:
             raise InputError(f"--where {where!r} is not a filter this table can run ({str(e).splitlines()[0]}); "

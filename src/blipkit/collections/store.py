@@ -252,7 +252,7 @@ def vector_column(settings: dict[str, Any]) -> str:
 
 def vector_indices(table, column: str) -> list[str]:
     """Index types (e.g. "IVF_PQ") of the vector indexes on `column`."""
-    return [str(i.get("type", "?")) for i in table.list_indices() if column in i.get("fields", [])]
+    return [str(i.index_type) for i in table.describe_indices() if column in i.field_names]
 
 
 def ensure_index(table, settings: dict[str, Any], ann: str) -> str | None:
