@@ -153,7 +153,7 @@ def test_itg_mask_position_by_position():
 def test_itg_mask_through_the_stack():
     model = tiny(None)
     obj = QFormerObjectives(model).eval()
-    feats = model.image_features(pixels(2))
+    feats = model.image_features(pixels(2)).clone()  # an inference tensor until cloned: autograd runs on it below
     ids, mask = model.tokens(["a red circle on the left", "two blue squares"], max_length=40)
     changed = ids.clone()
     changed[:, 3] = 7  # alter the third word piece of each text
