@@ -46,7 +46,7 @@ def ingest(args: argparse.Namespace) -> None:
 
     tmp = Path(tempfile.mkdtemp())
     paths = _scenes(tmp / "imgs", args.images)
-    for name in ("scenes-blip", "blip-itm-base-coco"):
+    for name in args.models:
         model = blipkit.load(name) if name == "scenes-blip" else blipkit.create(name)
         model.eval()
         pixels = model.processor(paths)
@@ -167,6 +167,8 @@ def main() -> None:
     s = sub.add_parser("ingest")
     s.add_argument("--images", type=int, default=48)
     s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--models", nargs="+", default=["scenes-blip", "blip-itm-base-coco"],
+                   help="shipped models load their weights; presets are built with random weights")
     s.add_argument("--workers", type=int, default=None)
     s = sub.add_parser("search")
     s.add_argument("--rows", type=int, default=1_000_000)
