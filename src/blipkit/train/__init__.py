@@ -1,4 +1,4 @@
-"""Training and evaluation: objectives, samples and batches, the loop, metrics (the commands are in `blipkit.cli.train`).
+"""Training and evaluation: objectives, samples and batches, the loop, metrics (commands: `blipkit.cli.train`).
 
 BLIP trains directly (`train(model, ...)`); the BLIP-2 stages and the small language model are `Recipe`s for the
 same loop (`blip2_stages`, `lm`; see docs/training.md).
