@@ -189,3 +189,12 @@ def save(model: BlipBase, directory: str | Path) -> Path:
             (staging / "preprocessor_config.json").write_text(json.dumps(model.processor.to_hf(), indent=2))
 
     return checkpoint.write_directory(target, write)
+
+
+def __getattr__(name: str):
+    """`blipkit.Index` is imported on first use, so `import blipkit` stays light (no Lance, no pyarrow)."""
+    if name == "Index":
+        from .collections.index import Index
+
+        return Index
+    raise AttributeError(f"module 'blipkit' has no attribute '{name}'")
