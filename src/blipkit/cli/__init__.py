@@ -18,7 +18,7 @@ from ..errors import BlipkitError
 from .common import Parser, ParserError, check_texts, one_line, write_line
 
 COMMAND_MODULES = ("blipkit.cli.tasks", "blipkit.cli.train", "blipkit.cli.collections", "blipkit.cli.serve",
-                   "blipkit.cli.export")
+                   "blipkit.cli.export", "blipkit.cli.capfilt")
 DEFAULT_MODEL = "scenes-blip"
 
 

@@ -27,6 +27,8 @@ On-disk layout written by `write_dataset` (image paths in the JSON files are rel
                                           "question_type"}]
     root/annotations/{split}_boxes.json [{"image", "image_id", "width", "height", "background",
                                           "objects": [{"shape", "colour", "size", "box", "box_norm"}]}]
+    root/annotations/train_web.json     with `web_noise`: [{"image", "caption": str, "image_id", "noise",
+                                          "true_caption"}], captions as from the web (see `web_noise`)
 
 Caption files hold one entry per image with its list of captions in every split (the layout of LAVIS's retrieval
 val/test files); Karpathy-style training data with one caption per entry is a flattening of it. Each VQA answer list
@@ -561,8 +563,12 @@ def _write_json(path: Path, data: object) -> None:
 
 
 def write_dataset(root: str | Path, n_train: int, n_val: int, n_test: int, seed: int = 0, image_size: int = 128,
-                  progress: bool = True, n_captions: int = 5) -> dict:
-    """Write the train/val/test splits as PNG images plus caption, VQA and box JSON files; returns the manifest."""
+                  progress: bool = True, n_captions: int = 5, web_noise: tuple[float, float] | None = None) -> dict:
+    """Write the train/val/test splits as PNG images plus caption, VQA and box JSON files; returns the manifest.
+
+    `web_noise=(mismatched, partial)` also writes `annotations/train_web.json`, one noisy caption per training image
+    labelled with its noise (see `web_noise`).
+    """
     _check_image_size(image_size)
     root = Path(root)
     (root / "annotations").mkdir(parents=True, exist_ok=True)
@@ -605,5 +611,117 @@ def write_dataset(root: str | Path, n_train: int, n_val: int, n_test: int, seed:
         "box_format": "[x1, y1, x2, y2] pixels, exclusive ends; box_norm divides by the image side",
         "caption_format": "one entry per image with a list of captions (LAVIS retrieval layout)",
     }
+    if web_noise is not None:
+        path = write_web_noise(root, *web_noise, split="train", seed=seed)
+        manifest["splits"]["train"]["web"] = str(path.relative_to(root))
+        manifest["web_noise"] = {"mismatched": web_noise[0], "partial": web_noise[1], "per_image": 1}
     _write_json(root / "dataset.json", manifest)
     return manifest
+
+
+# ----------------------------------------------------------------------------------------------------- web noise
+
+NOISE_LABELS: tuple[str, ...] = ("clean", "mismatched", "partial")
+_SHAPE_NOUNS = {**{s: s for s in SHAPES}, **{s + "s": s for s in SHAPES}}
+_GENERIC_NOUNS = ("shape", "shapes", "object", "objects")
+
+
+def _pairs(words: list[str]) -> set[tuple[str, str]]:
+    """The (colour, shape) pairs a caption names ("red circle", "two red circles")."""
+    return {(a, _SHAPE_NOUNS[b]) for a, b in zip(words[:-1], words[1:], strict=True)
+            if a in COLOURS and b in _SHAPE_NOUNS}
+
+
+def _swap_word(caption: str, objs: list[dict], rng: random.Random) -> str | None:
+    """`caption` with one colour, shape or number word swapped so that it is false of `objs`, or None when none can.
+
+    The scenes grammar always writes "[size] colour shape", so a colour before a shape is false when no object has the
+    new (colour, shape) pair; a colour before "shapes"/"objects", or a shape without a colour, when no object has the
+    new colour or shape at all; a number word when it no longer matches how many objects there are.
+    """
+    words = caption.split(" ")
+    have = {(o["colour"], o["shape"]) for o in objs}
+    colours, shapes = {c for c, _ in have}, {s for _, s in have}
+    options: list[tuple[int, str]] = []
+    for i, w in enumerate(words):
+        after = words[i + 1] if i + 1 < len(words) else ""
+        before = words[i - 1] if i else ""
+        if w in COLOURS and after in _SHAPE_NOUNS:
+            options += [(i, c) for c in COLOURS if (c, _SHAPE_NOUNS[after]) not in have]
+        elif w in COLOURS and after in _GENERIC_NOUNS:
+            options += [(i, c) for c in COLOURS if c not in colours]
+        elif w in _SHAPE_NOUNS and before in COLOURS:
+            options += [(i, s + w[len(_SHAPE_NOUNS[w]):]) for s in SHAPES if (before, s) not in have]
+        elif w in _SHAPE_NOUNS:
+            options += [(i, s + w[len(_SHAPE_NOUNS[w]):]) for s in SHAPES if s not in shapes]
+    if not options:  # e.g. "three shapes": another count of all the objects is false
+        options = [(i, n) for i, w in enumerate(words) if w in NUMBER_WORDS and words[i + 1:i + 2] in (["shapes"],
+                   ["shape"]) for n in NUMBER_WORDS[1:] if n not in (w, NUMBER_WORDS[len(objs)])]
+    if not options:
+        return None
+    i, word = rng.choice(options)
+    if words[i] in NUMBER_WORDS:  # keep the plural in agreement: "one shape", "two shapes"
+        words[i + 1] = "shape" if word == "one" else "shapes"
+    words[i] = word
+    if i and words[i - 1] in ("a", "an"):  # "an orange circle" -> "a purple circle"
+        words[i - 1] = _a(word).split(" ")[0]
+    return " ".join(words)
+
+
+def web_noise(captions: list[dict], boxes: list[dict], mismatched: float, partial: float, seed: int = 0,
+              per_image: int = 1) -> list[dict]:
+    """Captions as they come from the web: a share replaced by another image's caption, a share partly wrong.
+
+    Takes a split's caption and box entries (`annotations/{split}.json`, `{split}_boxes.json`) and returns one entry
+    per caption, the first `per_image` captions of each image (Karpathy layout, what `blipkit train` and
+    `blipkit capfilt` read): `{"image", "caption", "image_id", "noise", "true_caption"}`, where `noise` is "clean",
+    "mismatched" (another image's caption naming a colour-shape pair this image does not have) or "partial" (one
+    colour, shape or number word swapped so that the caption is false). Every caption labelled noisy is false of its
+    image; each label is drawn independently with the given probabilities (seeded).
+    """
+    for name, share in (("mismatched", mismatched), ("partial", partial)):
+        if not (isinstance(share, (int, float)) and 0 <= share <= 1):
+            raise InputError(f"{name}={share!r}: give a share between 0 and 1")
+    if mismatched + partial > 1:
+        raise InputError(f"mismatched={mismatched} + partial={partial} exceed 1: the shares are of the same captions")
+    if not isinstance(per_image, int) or per_image < 1:
+        raise InputError(f"per_image={per_image!r}: give 1 or more captions per image")
+    objects = {b["image"]: b["objects"] for b in boxes}
+    missing = [c["image"] for c in captions if c["image"] not in objects]
+    if missing:
+        raise InputError(f"image {missing[0]} has captions but no boxes: pass the same split's boxes")
+    rng = random.Random(seed)
+    pool = [(c["image"], t) for c in captions for t in c["caption"]]
+    out = []
+    for entry in captions:
+        objs = objects[entry["image"]]
+        have = {(o["colour"], o["shape"]) for o in objs}
+        for text in entry["caption"][:per_image]:
+            r, noise, noisy = rng.random(), "clean", text
+            if r < mismatched:
+                for _ in range(100):  # another image's caption that names a pair this image lacks: false here
+                    other, candidate = rng.choice(pool)
+                    if other != entry["image"] and _pairs(candidate.split(" ")) - have:
+                        noise, noisy = "mismatched", candidate
+                        break
+            elif r < mismatched + partial and (swapped := _swap_word(text, objs, rng)) is not None:
+                noise, noisy = "partial", swapped
+            out.append({"image": entry["image"], "caption": noisy, "image_id": entry.get("image_id"), "noise": noise,
+                        "true_caption": text})
+    return out
+
+
+def write_web_noise(root: str | Path, mismatched: float = 0.3, partial: float = 0.2, split: str = "train",
+                    seed: int = 0, per_image: int = 1) -> Path:
+    """Write `annotations/{split}_web.json` (see `web_noise`) into a scenes dataset directory; returns its path."""
+    root = Path(root)
+    ann = root / "annotations"
+    try:
+        captions = json.loads((ann / f"{split}.json").read_text())
+        boxes = json.loads((ann / f"{split}_boxes.json").read_text())
+    except (OSError, ValueError) as e:
+        raise InputError(f"{root}: cannot read split '{split}' of a scenes dataset ({e}); write it first with "
+                         "write_dataset") from None
+    out = ann / f"{split}_web.json"
+    _write_json(out, web_noise(captions, boxes, mismatched, partial, seed, per_image))
+    return out
