@@ -36,10 +36,11 @@ def cmd_index(args: argparse.Namespace) -> int:
         raise InputError(f"--batch-size {args.batch_size}: use 1 or more")
     if args.workers is not None and args.workers < 0:
         raise InputError(f"--workers {args.workers}: use 0 (decode in this process) or more")
+    ray = executor_options(args)
     connect(args.db, write=True)  # a read-only database fails before the model loads
     summary = _index(args).add(args.sources, recursive=args.recursive, batch_size=args.batch_size,
                                workers=args.workers, progress=True, path_column=args.path_column,
-                               text_column=args.text_column).to_dict()
+                               text_column=args.text_column, executor=args.executor, ray=ray).to_dict()
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
@@ -74,6 +75,44 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+RAY_FLAGS = (("ray_address", "--ray-address", None), ("actors", "--actors", 1),
+             ("gpus_per_actor", "--gpus-per-actor", 0.0), ("cpus_per_actor", "--cpus-per-actor", 1.0),
+             ("commit_rows", "--commit-rows", None))
+
+
+def add_executor_arguments(p: argparse.ArgumentParser) -> None:
+    """--executor and the Ray flags (shared by the bulk commands that run on the collection engine)."""
+    g = p.add_argument_group("executor", "run locally (decoding processes + this process's model) or on Ray Data")
+    g.add_argument("--executor", choices=("local", "ray"), default="local",
+                   help="local (default) or ray: decoding in Ray tasks, the model in an actor pool")
+    g.add_argument("--ray-address", metavar="ADDRESS",
+                   help="a running Ray cluster (HEAD:6379, ray://HEAD:10001, auto); default: start a local Ray")
+    g.add_argument("--actors", type=int, default=1, help="model replicas, one model per actor (default 1)")
+    g.add_argument("--gpus-per-actor", type=float, default=0.0,
+                   help="GPUs per actor (fractions share a GPU; default 0: CPU)")
+    g.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs per actor, its torch threads (default 1)")
+    g.add_argument("--commit-rows", type=int, help="rows per table commit with ray (default: --batch-size)")
+
+
+def executor_options(args: argparse.Namespace):
+    """The RayOptions of `--executor ray` (None for local), every flag checked; Ray flags need --executor ray."""
+    if args.executor != "ray":
+        given = [flag for name, flag, default in RAY_FLAGS if getattr(args, name) != default]
+        if given:
+            raise InputError(f"{', '.join(given)} apply to --executor ray: add --executor ray or drop them")
+        return None
+    if getattr(args, "workers", None) is not None:
+        raise InputError("--workers is for --executor local (with ray, decoding runs in Ray tasks): drop it")
+    from ..collections.ray_executor import OPTION_RULES, RayOptions, check_address, check_option, ray_module
+
+    for name in OPTION_RULES:
+        check_option(name, getattr(args, name), flag=True)
+    ray_module()  # not installed, or no cluster at the address: a clear error before the model loads
+    if args.ray_address is not None:
+        check_address(args.ray_address)
+    return RayOptions(args.ray_address, args.actors, args.gpus_per_actor, args.cpus_per_actor, args.commit_rows)
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--db", required=True, metavar="DIR", help="the LanceDB database directory")
     p.add_argument("--table", default="images", help="table name (default: images; errors go to TABLE_errors)")
@@ -92,7 +131,9 @@ def add_commands(sub, common: argparse.ArgumentParser) -> None:
                     "what is done; a killed job loses at most the batch in flight.",
         epilog="examples:\n  blipkit index photos/ --db photos.db --recursive\n"
                "  blipkit index 'shards/*.tar' list.txt table.parquet --db data.db --features --json\n"
-               "  blipkit index scenes/ --db s.db --caption --labels 'red circle' 'blue square'",
+               "  blipkit index scenes/ --db s.db --caption --labels 'red circle' 'blue square'\n"
+               "  blipkit index '/mnt/shared/shards/*.tar' --db photos.db --executor ray --ray-address auto "
+               "--actors 8 --gpus-per-actor 1",
     )
     p.add_argument("sources", nargs="+", metavar="SOURCE",
                    help="image files, folders, globs (quoted), .txt path lists, .parquet/.csv/.jsonl tables with a "
@@ -109,6 +150,7 @@ def add_commands(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=None, help="decoding processes (default: cores - 1, at most 4)")
     p.add_argument("--path-column", help="path column of table sources (default: path, image, file_name ...)")
     p.add_argument("--text-column", help="text column of table sources, stored as `text` (default: text, caption)")
+    add_executor_arguments(p)
     p.set_defaults(func=cmd_index)
 
     p = sub.add_parser(

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..base import BlipBase
 from ..errors import InputError
@@ -24,7 +24,11 @@ from .readers import read_sources
 from .search import DEFAULT_RERANK, search_image, search_text
 from .steps import EmbedStep
 
+if TYPE_CHECKING:
+    from .ray_executor import RayOptions
+
 DEFAULT_MODEL = "scenes-blip"
+EXECUTORS = ("local", "ray")
 
 
 class Index:
@@ -85,12 +89,16 @@ class Index:
     # ------------------------------------------------------------------ API
     def add(self, sources: str | Path | Iterable[str | Path], recursive: bool = False, batch_size: int = 32,
             workers: int | None = None, progress: bool = False, path_column: str | None = None,
-            text_column: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Summary:
+            text_column: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS, executor: str = "local",
+            ray: RayOptions | None = None) -> Summary:
         """Embed and store the images of `sources` not yet in the table; returns the job's Summary.
 
         Sources are files, folders, globs, path lists, Parquet/CSV/JSON-lines tables, `.tar` shards or blipkit
         tables (see `blipkit.collections.readers`). Bad images become rows of the errors table; the job goes on.
+        `executor="ray"` runs the same job on Ray Data (`ray`: cluster address, actors, GPUs; see `ray_executor`).
         """
+        if executor not in EXECUTORS:
+            raise InputError(f"executor={executor!r}: use one of {', '.join(EXECUTORS)}")
         items = read_sources(sources, recursive, path_column, text_column)
         if next(iter(items), None) is None:
             raise InputError(f"sources {' '.join(map(str, items.specs))} hold no images"
@@ -104,6 +112,14 @@ class Index:
             step = EmbedStep(self.model, features=bool(stored["features"]), caption=stored["caption"],
                              labels=stored["labels"], templates=stored["templates"] or DEFAULT_TEMPLATES)
         self._table = None
+        if executor == "ray":
+            from .ray_executor import ModelStep, run_job_ray
+
+            spec = self._model_spec if isinstance(self._model_spec, BlipBase) else self.model.name_or_path
+            options = {"features": bool(stored["features"]), "caption": stored["caption"], "labels": stored["labels"],
+                       "templates": step.templates}
+            return run_job_ray(items, ModelStep(EmbedStep, spec, options, self._dtype), writer, step.processor,
+                               batch_size, ray, max_pixels, progress, desc=f"index {self.name}")
         return run_job(items, step, writer, batch_size, workers, max_pixels, progress, desc=f"index {self.name}")
 
     def search_text(self, text: str, k: int = 10, rerank: int = DEFAULT_RERANK, where: str | None = None,

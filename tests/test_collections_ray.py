@@ -1,0 +1,210 @@
+"""The Ray executor of the collection jobs (`--executor ray`): the same table as the local executor (BLIP with every
+column kind, BLIP-2's multivectors), skips before any model call, kill -9 of the driver then resume, a worker that
+dies, bad files, clear errors for an unreachable cluster and misplaced flags. One local Ray for the module."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("lance")
+ray = pytest.importorskip("ray")
+pytest.importorskip("ray.data")
+
+import blipkit  # noqa: E402
+from blipkit.cli import main  # noqa: E402
+from blipkit.collections import Index, read_sources  # noqa: E402
+from blipkit.collections.ray_executor import ModelStep, RayOptions, run_job_ray  # noqa: E402
+from blipkit.collections.steps import EmbedStep  # noqa: E402
+from blipkit.collections.store import TableWriter, open_table, settings_of  # noqa: E402
+from blipkit.data.scenes import iter_scenes  # noqa: E402
+
+N = 24
+FLOATS = {"embedding": 1e-5, "queries": 1e-5, "label_scores": 1e-5}  # largest absolute difference
+FP16 = {"features": 2 ** -10}  # relative: one float16 step (float32 sums in another order can round the other way)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def cluster() -> str:
+    """A local Ray of two CPUs for the module; its address, for drivers started as subprocesses."""
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray's workers cannot import this file
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("scenes")
+    for i, s in enumerate(iter_scenes(N, seed=11)):
+        s.image.save(root / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def model():
+    return blipkit.load("scenes-blip")
+
+
+def _table(db: Path, name: str = "images") -> dict[str, dict]:
+    rows = open_table(db, name).to_table().to_pylist()
+    by_key = {r["key"]: r for r in rows}
+    assert len(by_key) == len(rows), "a key was written twice"
+    return by_key
+
+
+def _same_tables(a: Path, b: Path) -> None:
+    """Same schema, settings, keys and values (floats within FLOATS and FP16)."""
+    ta, tb = open_table(a, "images"), open_table(b, "images")
+    assert ta.schema == tb.schema
+    sa, sb = settings_of(ta), settings_of(tb)
+    assert {k: v for k, v in sa.items() if k != "created"} == {k: v for k, v in sb.items() if k != "created"}
+    ra, rb = _table(a), _table(b)
+    assert sorted(ra) == sorted(rb)
+    for key, row in ra.items():
+        for column, value in row.items():
+            if column in FLOATS:
+                assert np.abs(np.array(value, np.float32) - np.array(rb[key][column], np.float32)).max() <= \
+                    FLOATS[column], (key, column)
+            elif column in FP16:
+                x, y = np.array(value, np.float32), np.array(rb[key][column], np.float32)
+                assert (np.abs(x - y) <= FP16[column] * np.abs(x) + 1e-6).all(), (key, column)
+            else:
+                assert value == rb[key][column], (key, column)
+
+
+@pytest.mark.parametrize("name, options", [
+    ("scenes-blip", {"features": True, "labels": ["red circle", "blue square"]}),
+    ("scenes-blip2-itm", {}),
+])
+def test_both_executors_write_the_same_table(cluster, scenes, tmp_path, name, options):
+    model = blipkit.load(name)
+    local = Index(tmp_path / "local", model, **options).add(scenes, batch_size=5, workers=0)
+    remote = Index(tmp_path / "ray", model, **options).add(scenes, batch_size=5, executor="ray")
+    assert (local.added, local.failed) == (remote.added, remote.failed) == (N, 0)
+    assert remote.extra["rows"] == N and remote.extra["errors"] == 0
+    _same_tables(tmp_path / "local", tmp_path / "ray")
+
+
+def _forbidden_step():
+    raise AssertionError("a model was loaded for keys already in the table")
+
+
+def test_done_keys_are_skipped_before_any_model_call(cluster, scenes, model, tmp_path):
+    db = tmp_path / "db"
+    Index(db, model).add(scenes / "00*.png", workers=0)  # 10 of the 24, locally
+    summary = Index(db, "scenes-blip").add(scenes, batch_size=4, executor="ray", ray=RayOptions(actors=2))
+    assert (summary.added, summary.skipped, summary.failed) == (N - 10, 10, 0)
+    assert len(_table(db)) == N
+    step = EmbedStep(model)
+    writer = TableWriter(db, "images", step.settings())
+    again = run_job_ray(read_sources(scenes), _forbidden_step, writer, step.processor, progress=False)
+    assert (again.added, again.skipped, again.failed) == (0, N, 0)
+
+
+def _versions(db: Path) -> int:
+    folder = db / "images.lance" / "_versions"
+    return len(list(folder.iterdir())) if folder.is_dir() else 0
+
+
+def test_kill9_of_the_driver_then_resume(cluster, scenes, model, tmp_path):
+    reference = tmp_path / "reference"
+    Index(reference, model).add(scenes, workers=0)
+    db = tmp_path / "db"
+    cmd = [sys.executable, "-m", "blipkit.cli", "index", str(scenes), "--db", str(db), "--batch-size", "2",
+           "--executor", "ray", "--ray-address", cluster, "--json"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    killed = 0
+    for target in (3, 7):  # versions: the empty table, then one per committed batch
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=True)
+        deadline = time.monotonic() + 240
+        while _versions(db) < target and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            killed += 1
+        proc.communicate()
+        _table(db)  # no key twice
+    assert killed == 2
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["added"] + summary["skipped"] == N and summary["skipped"] >= 2 and summary["failed"] == 0
+    _same_tables(reference, db)  # every image exactly once, as an uninterrupted local run
+
+
+class DiesOnce:
+    """A step whose actor process dies on its first batch (once for the whole job: a marker file says so)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker, self.step = marker, ModelStep(EmbedStep, "scenes-blip")()
+        self.processor = self.step.processor
+
+    def __call__(self, batch):
+        if not self.marker.exists():
+            self.marker.touch()
+            os._exit(1)
+        return self.step(batch)
+
+
+def test_a_worker_that_dies_is_retried_without_duplicates(cluster, scenes, model, tmp_path):
+    reference = tmp_path / "reference"
+    Index(reference, model).add(scenes, workers=0)
+    step = EmbedStep(model)
+    writer = TableWriter(tmp_path / "db", "images", step.settings())
+    marker = tmp_path / "died"
+    summary = run_job_ray(read_sources(scenes), partial(DiesOnce, marker), writer, step.processor, batch_size=4,
+                          progress=False)
+    assert marker.exists() and (summary.added, summary.failed) == (N, 0)
+    _same_tables(reference, tmp_path / "db")
+
+
+def test_bad_files_become_the_same_error_records(cluster, scenes, model, tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    png = (scenes / "000.png").read_bytes()
+    (folder / "good.png").write_bytes(png)
+    (folder / "zero.png").write_bytes(b"")
+    (folder / "text.jpg").write_text("not an image at all")
+    (folder / "truncated.png").write_bytes(png[: len(png) // 2])
+    local = Index(tmp_path / "local", model).add(folder, batch_size=2, workers=0)
+    index = Index(tmp_path / "ray", model)
+    remote = index.add(folder, batch_size=2, executor="ray")
+    assert (local.added, local.failed) == (remote.added, remote.failed) == (1, 3)
+    errors = {Path(r["path"]).name: r["reason"] for r in index.errors().to_pylist()}
+    local_errors = {Path(r["path"]).name: r["reason"] for r in Index(tmp_path / "local", model).errors().to_pylist()}
+    assert errors == local_errors and errors["zero.png"] == "empty file (0 bytes)"
+    _same_tables(tmp_path / "local", tmp_path / "ray")
+    again = index.add(folder, batch_size=2, executor="ray")  # failures are final for their keys
+    assert (again.added, again.skipped, again.failed) == (0, 4, 0)
+
+
+def _cli(capsys, *argv: str) -> tuple[int, str]:
+    code = main(list(argv))
+    return code, capsys.readouterr().err
+
+
+def test_unreachable_address_and_misplaced_flags_are_clear_errors(cluster, scenes, tmp_path, capsys):
+    db = str(tmp_path / "db")
+    errors = {
+        ("--executor", "ray", "--ray-address", "127.0.0.1:1"): "no Ray cluster answers at --ray-address '127.0.0.1:1'",
+        ("--executor", "ray", "--ray-address", "nohost"): "is not HOST:PORT",
+        ("--executor", "ray", "--actors", "0"): "--actors 0: use 1 or more",
+        ("--executor", "ray", "--workers", "2"): "--workers is for --executor local",
+        ("--actors", "2", "--gpus-per-actor", "1"): "--actors, --gpus-per-actor apply to --executor ray",
+    }
+    for argv, message in errors.items():
+        code, err = _cli(capsys, "index", str(scenes), "--db", db, *argv)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (argv, err)
+    assert not Path(db).exists()  # refused at the door: no table, no model
