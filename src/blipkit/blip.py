@@ -19,11 +19,12 @@ from .base import BlipBase, ImageFeatures, ImageInput, TextInput, check_prompts,
 from .config import BlipConfig
 from .errors import InputError
 from .generate import GenerationConfig, caption_config, check_count, generate, generation_config, with_scores
+from .pairs import PairMatching, pair_chunks, pair_kv
 from .text import TextLMHeadModel, TextModel
 from .vision import VisionModel
 
 
-class Blip(BlipBase):
+class Blip(PairMatching, BlipBase):
     """A BLIP model; parameter names equal the Hugging Face checkpoints'."""
 
     family = "BLIP"
@@ -110,6 +111,18 @@ class Blip(BlipBase):
     def match(self, images: ImageInput | Tensor, texts: TextInput) -> Tensor:
         """ITM match probability (Ni, Nt) for every image-text pair."""
         return self.forward_itm(images, texts).float().softmax(dim=-1)[..., 1]
+
+    def _itm_pairs(self, feats: Tensor, image: Tensor, texts: list[str]) -> Tensor:
+        """ITM logits (Npairs, 2) of texts[r] with image image[r] of `feats`, in passes (see `blipkit.pairs`)."""
+        ids, mask = self._text_ids(texts, grounded=True)
+        lengths = mask.sum(dim=1)
+        kv = self.text_encoder.cross_kv(feats)  # per layer (Ni, nh, P, hs), once per image
+        out = torch.empty(len(ids), 2, device=self.device, dtype=self.itm_head.weight.dtype)
+        for rows in pair_chunks(lengths, kv, self.itm_chunk):
+            T = int(lengths[rows].max())
+            h, _ = self.text_encoder(ids[rows, :T], mask[rows, :T], encoder_kv=pair_kv(kv, image[rows]))
+            out[rows] = self.itm_head(h[:, 0])
+        return out
 
     # ----------------------------------------------------------------- generation
     def _decode(self, context: Tensor, context_mask: Tensor | None, prompt: Tensor, prompt_mask: Tensor, gen):

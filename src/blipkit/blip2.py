@@ -21,13 +21,14 @@ from .blip2_config import Blip2Config
 from .errors import InputError
 from .generate import Generated, GenerationConfig, caption_config, generate, generation_config, with_scores
 from .lm import OPTForCausalLM, T5ForConditionalGeneration
+from .pairs import PairMatching, pair_chunks, pair_kv
 from .qformer import QFormer, QFormerEmbeddings
 from .vision import VisionModel
 
 QUESTION_PROMPT = "Question: {} Answer:"
 
 
-class Blip2(BlipBase):
+class Blip2(PairMatching, BlipBase):
     """A BLIP-2 model; parameter names equal the Hugging Face checkpoints'."""
 
     family = "BLIP-2"
@@ -155,6 +156,22 @@ class Blip2(BlipBase):
     def match(self, images: ImageInput | Tensor, texts: TextInput) -> Tensor:
         """ITM match probability (Ni, Nt) for every image-text pair."""
         return self.forward_itm(images, texts).float().softmax(dim=-1)[..., 1]
+
+    def _itm_pairs(self, feats: Tensor, image: Tensor, texts: list[str]) -> Tensor:
+        """ITM logits (Npairs, 2) of texts[r] with image image[r] of `feats`, in passes (see `blipkit.pairs`)."""
+        ids, mask = self._text_ids(texts)
+        text = self.embeddings(ids)  # (Npairs, T, H)
+        Q, lengths = self.config.num_query_tokens, mask.sum(dim=1)
+        queries = self.query_tokens.to(text.dtype)  # cast as the reference does before joining them
+        kv = self.qformer.cross_kv(feats)  # per layer (Ni, nh, P, hs), once per image
+        out = torch.empty(len(texts), 2, device=self.device, dtype=self.itm_head.weight.dtype)
+        for rows in pair_chunks(lengths, kv, self.itm_chunk):
+            T = int(lengths[rows].max())
+            x = torch.cat([queries.expand(len(rows), -1, -1), text[rows, :T]], dim=1)  # (n, Q + T, H)
+            m = torch.cat([mask.new_ones(len(rows), Q), mask[rows, :T]], dim=1)  # (n, Q + T)
+            h = self.qformer(x, Q, m, image_kv=pair_kv(kv, image[rows]))
+            out[rows] = self.itm_head(h[:, :Q].to(out.dtype)).mean(dim=1)  # (n, 2)
+        return out
 
     # ----------------------------------------------------------------- generation
     def _prompt_rows(self, prompts: list[str | None], max_new_tokens: int) -> list[list[int]]:

@@ -83,26 +83,34 @@ def attend(
 ) -> Tensor:
     """Scaled dot-product attention over (B, nh, T, hs) tensors with an additive float mask.
 
-    When `block` is being recorded in this thread (see `recording`), the eager path runs instead of SDPA and the
-    probabilities (B, nh, Tq, Tk) go into the recording: what attention maps and GradCAM read. The numbers are the
-    same either way.
+    Keys/values may have fewer rows than the queries, Bk dividing B: each is shared by a run of B // Bk consecutive
+    query rows (one image and its texts), without copies of it. When `block` is being recorded in this thread (see
+    `recording`), the eager path runs instead of SDPA and the probabilities (B, nh, Tq, Tk) go into the recording:
+    what attention maps and GradCAM read. The numbers are the same either way.
     """
+    B, Bk = q.shape[0], k.shape[0]
     record = _RECORDING.get()
     if record is not None and block is not None and block in record:
+        if 1 < Bk < B:
+            k, v = k.repeat_interleave(B // Bk, 0), v.repeat_interleave(B // Bk, 0)
         scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # (B, nh, Tq, Tk)
         if mask is not None:
             scores = scores + mask
         probs = scores.softmax(dim=-1)
         record[block] = probs
         return F.dropout(probs, dropout, block.training) @ v
-    if k.shape[0] == 1 and q.shape[0] > 1:  # keys/values shared by every row (one image, many texts)
+    if Bk < B:  # keys/values shared by runs of G = B // Bk consecutive rows (an image and its texts)
+        G = B // Bk
         if mask is None or mask.shape[0] == 1:
-            # Fold the rows into the query axis: one attention call against the shared keys, no copies of them.
-            B, nh, T, hs = q.shape
-            folded = q.transpose(0, 1).reshape(1, nh, B * T, hs)  # (1, nh, B*T, hs)
+            # Fold each run into the query axis: one attention call against the shared keys, no copies of them.
+            _, nh, T, hs = q.shape
+            folded = q.view(Bk, G, nh, T, hs).transpose(1, 2).reshape(Bk, nh, G * T, hs)  # (Bk, nh, G*T, hs)
             out = F.scaled_dot_product_attention(folded, k, v, attn_mask=mask, dropout_p=dropout)
-            return out.reshape(nh, B, T, hs).transpose(0, 1)  # (B, nh, T, hs)
-        k, v = k.expand(q.shape[0], -1, -1, -1), v.expand(q.shape[0], -1, -1, -1)
+            return out.view(Bk, nh, G, T, hs).transpose(1, 2).reshape(B, nh, T, hs)  # (B, nh, T, hs)
+        if Bk == 1:
+            k, v = k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)
+        else:
+            k, v = k.repeat_interleave(G, 0), v.repeat_interleave(G, 0)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
 
 

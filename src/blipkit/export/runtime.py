@@ -159,6 +159,13 @@ class OnnxBlip(_OnnxMixin, Blip):
             rows.append(torch.cat(out))
         return torch.stack(rows)
 
+    def _itm_pairs(self, feats: Tensor, image: Tensor, texts: list[str]) -> Tensor:
+        """`Blip._itm_pairs` on the runner: each row of a chunk gets its own image's features."""
+        ids, mask = self._text_ids(texts, grounded=True)
+        step = self.itm_chunk
+        return torch.cat([self.runner("image_text_encoder", ids[s : s + step], mask[s : s + step],
+                                      feats.index_select(0, image[s : s + step]))[1] for s in range(0, len(ids), step)])
+
     def _question_states(self, images, questions) -> tuple[Tensor, Tensor]:
         from ..base import text_list
 
@@ -262,6 +269,9 @@ class OnnxBlip2(_OnnxMixin, Blip2):
                               "and text embeddings of BLIP-2 run on the torch model)")
 
     def forward_itm(self, images, texts) -> Tensor:
+        return self.encode_texts(texts)
+
+    def forward_itm_pairs(self, images, texts) -> tuple[Tensor, list[int]]:
         return self.encode_texts(texts)
 
     def _decode_opt(self, prefix: Tensor, rows: list[list[int]], gen):
