@@ -135,8 +135,13 @@ def test_errors(hf_blip_dirs, tmp_path):
                                          r"vision_model, text_decoder"):
         quantize(model, "int8", parts=["qformer"])
     q = quantize(model, "int8")
-    with pytest.raises(InputError, match=r"is already quantized \(int8\): load it again"):
+    with pytest.raises(InputError, match=r": text_decoder is already quantized \(int8\): load the model again"):
         quantize(q, "bf16")
+    quantize(q, "bf16", parts=["vision_model"])  # another part may take another mode
+    assert q.quantized == ("int8", ("text_decoder", "vision_model"))
+    assert _linear_types(q.vision_model) == {BF16Linear}
+    with pytest.raises(InputError, match=r": vision_model is already quantized \(bf16\): load the model again"):
+        quantize(q, "int8", parts=["vision_model"])
     with pytest.raises(InputError, match=r"has int8 weights, which save\(\) does not write"):
         blipkit.save(q, tmp_path / "out")
     assert not (tmp_path / "out").exists()
@@ -144,6 +149,24 @@ def test_errors(hf_blip_dirs, tmp_path):
         meta = type(model)(model.config)
     with pytest.raises(InputError, match=r"^cannot quantize a model on the meta device"):
         quantize(meta, "int8")
+
+
+def test_device_without_int8_kernel(hf_blip_dirs, monkeypatch):
+    """A device whose torch build lacks the int8 kernel (as the probe finds it) is refused, naming what to do."""
+    import blipkit.quantize as q
+
+    def missing(device):
+        raise NotImplementedError("Could not run 'aten::_weight_int8pack_mm' with arguments from the 'XPU' backend.\n"
+                                  "more detail")
+
+    monkeypatch.setattr(q, "_probe_int8", missing)
+    model = blipkit.load(hf_blip_dirs["BlipForConditionalGeneration"])
+    with pytest.raises(InputError, match=r"^int8 weights are not supported on device 'cpu' by this torch build "
+                                         r"\(Could not run 'aten::_weight_int8pack_mm' .* 'XPU' backend\.\); load "
+                                         r"the model on cpu, or use dtype='bfloat16' / quantize='bf16' there$"):
+        quantize(model, "int8")
+    assert not getattr(model, "quantized", None)  # nothing was swapped
+    assert quantize(model, "bf16").quantized == ("bf16", ("text_decoder",))  # bf16 needs no int8 kernel
 
 
 def test_cli_quantize_flag(capsys, tmp_path):

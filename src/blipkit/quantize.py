@@ -128,14 +128,19 @@ def check_device(device: torch.device) -> None:
     if device.type == "meta":
         raise InputError("cannot quantize a model on the meta device: load its weights first (blipkit.load)")
     try:
-        x = torch.ones(1, 32, dtype=torch.bfloat16, device=device)
-        w = torch.ones(8, 32, dtype=torch.int8, device=device)
-        torch.ops.aten._weight_int8pack_mm(x, w, torch.ones(8, dtype=torch.bfloat16, device=device))
+        _probe_int8(device)
     except (RuntimeError, NotImplementedError) as e:
         raise InputError(
             f"int8 weights are not supported on device '{device}' by this torch build ({str(e).splitlines()[0]}); "
             f"load the model on cpu, or use dtype='bfloat16' / quantize='bf16' there"
         ) from None
+
+
+def _probe_int8(device: torch.device) -> None:
+    """One tiny int8 product on `device`: raises RuntimeError / NotImplementedError where the kernel is missing."""
+    x = torch.ones(1, 32, dtype=torch.bfloat16, device=device)
+    w = torch.ones(8, 32, dtype=torch.int8, device=device)
+    torch.ops.aten._weight_int8pack_mm(x, w, torch.ones(8, dtype=torch.bfloat16, device=device))
 
 
 def quantize(model: nn.Module, mode: str = "int8", parts: tuple[str, ...] | list[str] | None = None) -> nn.Module:
@@ -146,13 +151,19 @@ def quantize(model: nn.Module, mode: str = "int8", parts: tuple[str, ...] | list
         mode: "int8" (per-output-channel scales) or "bf16".
         parts: top-level parts to quantize, e.g. ("text_decoder", "vision_model"); default `DEFAULT_PARTS`.
     Returns:
-        The same model, with `model.quantized` set to `(mode, parts)`.
+        The same model, with `model.quantized` set to `(mode, parts quantized so far)`; another call may quantize
+        other parts (e.g. an int8 decoder and a bf16 vision encoder), not the same part twice.
     """
     check_mode(mode)
-    if getattr(model, "quantized", None):
-        raise InputError(f"{model.name_or_path} is already quantized ({model.quantized[0]}): load it again to change")
     family = getattr(model, "family", "BLIP")
     names = tuple(parts) if parts is not None else tuple(p for p in DEFAULT_PARTS[family] if model.has(p))
+    done = getattr(model, "quantized", None) or (None, ())
+    again = [n for n in names if n in done[1]]
+    if again:
+        part = getattr(model, again[0])
+        was = "int8" if any(isinstance(m, Int8Linear) for m in part.modules()) else "bf16"
+        raise InputError(f"{model.name_or_path}: {again[0]} is already quantized ({was}): load the model again "
+                         "to change it")
     for name in names:
         if not model.has(name):
             have = [n for n, m in model.named_children() if any(isinstance(x, nn.Linear) for x in m.modules())]
@@ -168,7 +179,8 @@ def quantize(model: nn.Module, mode: str = "int8", parts: tuple[str, ...] | list
         _swap(part, convert)
         if head is not None and mode == "int8":
             setattr(*head, Int8Linear.from_linear(linear, keep_exact=True))
-    model.quantized = (mode, names)
+    # several calls may quantize different parts (int8 decoder, bf16 vision): the first mode names the model
+    model.quantized = (done[0] or mode, done[1] + names)
     return model
 
 
