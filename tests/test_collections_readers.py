@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from blipkit.collections import read_sources
-from blipkit.collections.decode import Decoded, Failure, decode
+from blipkit.collections.decode import Decoded, Failure, decode, decode_batch, normalise
 from blipkit.collections.readers import file_item
 from blipkit.errors import InputError
 from blipkit.processing import ImageProcessor
@@ -116,6 +116,26 @@ def test_decode_gives_pixels_or_a_reason(data, cut):
             assert out.reason and "\n" not in out.reason
         else:
             assert out.pixels.shape == (3, 32, 32) and np.isfinite(out.pixels).all()
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**16), size=st.tuples(st.integers(1, 90), st.integers(1, 90)),
+       mode=st.sampled_from(["RGB", "L", "RGBA", "P", "I;16"]), side=st.sampled_from([16, 32, (24, 40)]))
+def test_raw_decoding_then_normalise_is_the_processor_exactly(seed, size, mode, side):
+    """Workers send uint8 images; `normalise` makes the processor's float pixels from them, bit for bit."""
+    processor = ImageProcessor(size=side)
+    rng = np.random.default_rng(seed)
+    image = Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).convert(mode)
+    with tempfile.NamedTemporaryFile(suffix=".png") as f:
+        image.save(f.name)
+        items = [file_item(f.name)] * 2 + [file_item(f.name + ".gone")]
+        raw, done = decode_batch(items, processor, raw=True), decode_batch(items, processor)
+    assert raw[0].pixels.dtype == np.uint8 and isinstance(raw[2], Failure)
+    for a, b in zip(normalise(raw, processor), done, strict=True):
+        assert type(a) is type(b)
+        if isinstance(a, Decoded):
+            assert a.pixels.dtype == np.float32 and np.array_equal(a.pixels, b.pixels)
+            assert (a.width, a.height) == (b.width, b.height) == size
 
 
 def test_source_errors(tmp_path):

@@ -183,9 +183,15 @@ def cmd_classify(args: argparse.Namespace) -> int:
     return bulk.finish()
 
 
-def cmd_caption(args: argparse.Namespace) -> int:
-    paths = _images(args)
-    model = _load(args)
+BULK_CAPTION = ("write_out", "db", "ext", "overwrite", "prefix", "suffix", "recursive", "workers", "errors",
+                "path_column", "text_column")  # options of `caption --write` only
+BULK_FLAGS = {"write_out": "--out", "db": "--db", "ext": "--ext", "overwrite": "--overwrite", "prefix": "--prefix",
+              "suffix": "--suffix", "recursive": "--recursive", "workers": "--workers", "errors": "--errors",
+              "path_column": "--path-column", "text_column": "--text-column"}
+
+
+def _caption_options(args: argparse.Namespace, model) -> dict[str, Any]:
+    """The `model.caption` options the command line gave (the model's defaults for the others)."""
     given = dict(prompt=args.prompt, num_beams=args.beams, max_new_tokens=args.max_new_tokens,
                  min_new_tokens=args.min_new_tokens, num_captions=args.num_captions)
     options: dict[str, Any] = {k: v for k, v in given.items() if v is not None}  # else the model's defaults
@@ -193,6 +199,18 @@ def cmd_caption(args: argparse.Namespace) -> int:
     options["do_sample"] = args.sample
     if args.sample:
         options.update(top_p=args.top_p, temperature=args.temperature)
+    return options
+
+
+def cmd_caption(args: argparse.Namespace) -> int:
+    if args.write is not None:
+        return _caption_bulk(args)
+    given = [BULK_FLAGS[d] for d in BULK_CAPTION if getattr(args, d) not in (None, False)]
+    if given:
+        raise InputError(f"{given[0]} applies to bulk captioning: add --write sidecar|jsonl|parquet|table")
+    paths = _images(args)
+    model = _load(args)
+    options = _caption_options(args, model)
     _sample_seed(args)
     bulk = Bulk(args, paths)
     for batch, pixels in bulk.images(model, args.batch_size):
@@ -200,6 +218,39 @@ def cmd_caption(args: argparse.Namespace) -> int:
             key, text = ("caption", c) if isinstance(c, str) else ("captions", " | ".join(c))
             bulk.write({"image": str(path), key: c}, f"{path}\t{text}")
     return bulk.finish()
+
+
+def _caption_bulk(args: argparse.Namespace) -> int:
+    """`caption --write ...`: the resumable job of `blipkit.collections.caption_images`."""
+    from ..collections.caption import caption_images, check_job
+
+    if args.write == "table" and args.write_out is not None:
+        raise InputError("--write table writes into the database --db DIR (its --table): drop --out")
+    if args.write != "table" and (args.db is not None or args.table is not None):
+        raise InputError(f"--{'db' if args.db is not None else 'table'} is for --write table")
+    out = args.db if args.write == "table" else args.write_out
+    ext = args.ext or ".txt"
+    if args.write != "sidecar" and args.ext is not None:
+        raise InputError(f"--ext names caption files of --write sidecar; --write {args.write} writes {out}")
+    check_job(args.images, args.write, out, ext, args.errors, args.recursive, args.path_column, args.text_column)
+    model = _load(args)  # after the checks: a wrong path fails before the model loads
+    summary = caption_images(
+        args.images, model, write=args.write, out=out, table=args.table or "captions", ext=ext,
+        overwrite=args.overwrite, prefix=args.prefix or "", suffix=args.suffix or "", seed=args.seed,
+        recursive=args.recursive, batch_size=args.batch_size, workers=args.workers, progress=True,
+        errors=args.errors, path_column=args.path_column, text_column=args.text_column,
+        **_caption_options(args, model),
+    ).to_dict()
+    if args.json:
+        write_line(json.dumps(summary, indent=2, ensure_ascii=False))
+        return 0
+    for f in summary.get("failures", []):
+        write_line(f"failed: {f['path']}: {f['reason']}", sys.stderr)
+    where = {"sidecar": f"caption files ({ext}) next to the images", "table": f"table '{args.table or 'captions'}' "
+             f"in {out}"}.get(args.write, str(out))
+    write_line(f"{summary['added']} captioned, {summary['skipped']} skipped, {summary['failed']} failed "
+               f"({summary['images_per_second']:.1f} images/s) -> {where}")
+    return 0
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
@@ -353,7 +404,9 @@ def _options_classify(p: argparse.ArgumentParser) -> None:
 
 
 def _options_caption(p: argparse.ArgumentParser) -> None:
-    _add_images(p)
+    p.add_argument("images", nargs="+", metavar="SOURCE",
+                   help="image files, folders or glob patterns (quote them); with --write also .txt path lists, "
+                        ".parquet/.csv/.jsonl tables with a path column, webdataset .tar shards, NAME.lance tables")
     p.add_argument("--prompt", default=None, help="text each caption starts with")
     p.add_argument("--beams", type=integer(1, MAX_BEAMS), default=None, help="beam width (default: the model's)")
     p.add_argument("--max-new-tokens", type=integer(1, MAX_NEW_TOKENS), default=None,
@@ -364,8 +417,32 @@ def _options_caption(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=number(0, 1, above=True), default=0.9, help="nucleus mass, 0 < p <= 1 (0.9)")
     p.add_argument("--temperature", type=number(0, above=True), default=1.0, help="sampling temperature (1.0)")
     p.add_argument("--num-captions", type=integer(1, MAX_CAPTIONS), default=None, help="captions per image (default 1)")
-    p.add_argument("--seed", type=integer(0, MAX_SEED), default=0, help="random seed when sampling")
+    p.add_argument("--seed", type=integer(0, MAX_SEED), default=0,
+                   help="random seed when sampling (with --write: each image's own, from the seed and its key)")
     _add_batch(p, 8)
+    g = p.add_argument_group("bulk captioning (resumable; bad files become error records)")
+    g.add_argument("--write", choices=["sidecar", "jsonl", "parquet", "table"], default=None,
+                   help="sidecar: a caption file next to each image; jsonl / parquet: one file (--out); table: a "
+                        "LanceDB table (--db, --table)")
+    g.add_argument("--out", dest="write_out", metavar="FILE", help="the .jsonl / .parquet file to write")
+    g.add_argument("--db", metavar="DIR", help="database directory of --write table")
+    g.add_argument("--table", default=None, help="table of --write table (default: captions; errors: TABLE_errors)")
+    g.add_argument("--ext", default=None, help="caption file suffix of --write sidecar (default .txt)")
+    done = g.add_mutually_exclusive_group()
+    done.add_argument("--skip-existing", dest="overwrite", action="store_false",
+                      help="skip images captioned already: their caption file exists, or their key is in the output "
+                           "(default)")
+    done.add_argument("--overwrite", dest="overwrite", action="store_true",
+                      help="caption every image again and replace its caption")
+    p.set_defaults(overwrite=False)
+    g.add_argument("--prefix", default=None, help="text put before every caption, as it is (e.g. 'photo of sks, ')")
+    g.add_argument("--suffix", default=None, help="text put after every caption, as it is")
+    g.add_argument("--recursive", action="store_true", help="also the images in subfolders")
+    g.add_argument("--workers", type=integer(0, 64), default=None,
+                   help="decoding processes (default: cores - 1, at most 4; 0 decodes in this process)")
+    g.add_argument("--errors", metavar="FILE", help="--write sidecar: append error records to this .jsonl file")
+    g.add_argument("--path-column", help="path column of table sources (default: path, image, file_name ...)")
+    g.add_argument("--text-column", help="text column of table sources, kept as `text` (default: text, caption)")
 
 
 def _options_ask(p: argparse.ArgumentParser) -> None:
@@ -440,6 +517,9 @@ COMMANDS: tuple[tuple[str, Any, str, tuple[str, ...], Any], ...] = (
         "blipkit caption scene.png",
         "blipkit caption photos/ --beams 5 --json > captions.jsonl   # unreadable images: skipped, listed, exit 1",
         'blipkit caption photo.jpg --prompt "a picture of" --sample --num-captions 3',
+        "blipkit caption dataset/ --recursive --write sidecar --beams 3 --prefix 'photo of sks, '   # a.png -> a.txt",
+        "blipkit caption 'shards/*.tar' --write parquet --out captions.parquet --json   # rerun to resume",
+        "blipkit caption photos/ --write table --db photos.db --sample --seed 1 --num-captions 3",
     ), _options_caption),
     ("ask", cmd_ask, "answer a question about each image (VQA)", (
         'blipkit ask scene.png -q "what color is the circle?"',

@@ -3,6 +3,10 @@
 Everything a bad file can do ends here as a `Failure` with a reason (zero bytes, not an image, truncated, a
 decompression bomb, unreadable), so one bad item never stops a job. Decompression bombs are refused from
 `max_pixels` on (Pillow's warning level is raised to an error, so no image larger than that is ever decoded).
+
+Worker processes decode with `raw=True`: the resized image stays uint8 (a quarter of the float32 bytes to pickle
+and send back), and `normalise` maps the batch to the model's float pixels in the receiving process, with the
+processor's own per-level table (so the values are exactly the processor's).
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own limit (about 0.25 GB of 24-bit p
 
 @dataclass(frozen=True)
 class Decoded:
-    """An item decoded: its preprocessed pixels (3, H, W) float32 and the image's upright width and height."""
+    """An item decoded: its preprocessed pixels (3, H, W) float32 (uint8 before `normalise` when decoded raw) and
+    the image's upright width and height."""
 
     item: Item
     pixels: np.ndarray
@@ -38,8 +43,12 @@ class Failure:
     reason: str
 
 
-def decode(item: Item, processor: ImageProcessor, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded | Failure:
-    """Read, decode and preprocess one item; every way it can fail becomes a Failure with the reason."""
+def decode(item: Item, processor: ImageProcessor, max_pixels: int = DEFAULT_MAX_PIXELS, raw: bool = False
+           ) -> Decoded | Failure:
+    """Read, decode and preprocess one item; every way it can fail becomes a Failure with the reason.
+
+    With `raw`, the pixels are the resized uint8 image (3, H, W), to be finished by `normalise`.
+    """
     if item.error is not None:
         return Failure(item, item.error)
     try:
@@ -64,7 +73,7 @@ def decode(item: Item, processor: ImageProcessor, max_pixels: int = DEFAULT_MAX_
     finally:
         Image.MAX_IMAGE_PIXELS = limit
     try:
-        pixels = processor(image)[0].numpy()
+        pixels = _resized(processor, image) if raw else processor(image)[0].numpy()
     except Exception as e:  # e.g. an image too small to resize
         return Failure(item, f"cannot preprocess: {_reason(e)}")
     return Decoded(item, pixels, image.width, image.height)
@@ -78,7 +87,34 @@ def _reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {text}"
 
 
-def decode_batch(items: list[Item], processor: ImageProcessor, max_pixels: int = DEFAULT_MAX_PIXELS
-                 ) -> list[Decoded | Failure]:
+def decode_batch(items: list[Item], processor: ImageProcessor, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 raw: bool = False) -> list[Decoded | Failure]:
     """`decode` over a batch: what a worker process runs."""
-    return [decode(item, processor, max_pixels) for item in items]
+    return [decode(item, processor, max_pixels, raw) for item in items]
+
+
+def _resized(processor: ImageProcessor, image: Image.Image) -> np.ndarray:
+    """The image resized as the processor resizes it, uint8 (3, H, W): its float pixels are `normalise`'s."""
+    height, width = processor.size
+    return np.ascontiguousarray(np.asarray(image.resize((width, height), resample=processor.resample))
+                                .transpose(2, 0, 1))
+
+
+def normalise(results: list[Decoded | Failure], processor: ImageProcessor) -> list[Decoded | Failure]:
+    """Raw (uint8) decoded items -> float32 pixels, a whole batch at once, through the processor's per-level table
+    (so the values are the processor's, exactly).
+
+    The pixels of the batch's good items are rows of one (n, 3, H, W) array, which `engine.pixels` takes as it is.
+    """
+    ok = [i for i, r in enumerate(results) if isinstance(r, Decoded)]
+    if not ok:
+        return results
+    table = processor._lut.reshape(-1)  # (3 * 256,) float32: channel c, level v at c * 256 + v (ImageProcessor)
+    chw = np.stack([results[i].pixels for i in ok]).astype(np.uint16)  # (n, 3, H, W)
+    chw += (np.arange(3, dtype=np.uint16) * 256)[None, :, None, None]
+    values = table[chw]  # (n, 3, H, W) float32
+    out = list(results)
+    for j, i in enumerate(ok):
+        r = results[i]
+        out[i] = Decoded(r.item, values[j], r.width, r.height)
+    return out

@@ -6,7 +6,9 @@ A job is three pieces, each usable on its own and by other drivers (e.g. Ray Dat
   {column: values}`, one value per decoded item (`pixels(batch)` stacks their pixels into a tensor);
 - a `Writer`: `done(keys) -> list[bool]` (what an earlier run already wrote: those items are skipped before any
   decode or model call), `write(batch, columns, failures)` which commits one batch atomically (a crash loses at
-  most the batch in flight), and `finish() -> dict` (indexes, compaction; extra fields for the summary).
+  most the batch in flight), and `finish() -> dict` (indexes, compaction, merging; extra fields for the summary).
+  `store.TableWriter` (LanceDB) and the file writers of `writers` (caption sidecars, JSON lines, Parquet) are
+  the ones there are.
 
 `run_job` streams: items are filtered in chunks, decoded `batch_size` at a time by `workers` processes (at most
 two batches per worker in flight, so memory stays flat however large the collection), and each batch is run
@@ -34,7 +36,7 @@ import torch
 
 from ..errors import InputError
 from ..processing import ImageProcessor
-from .decode import DEFAULT_MAX_PIXELS, Decoded, Failure, decode_batch
+from .decode import DEFAULT_MAX_PIXELS, Decoded, Failure, decode_batch, normalise
 from .readers import Item
 
 FILTER_CHUNK = 1024  # items checked against the writer's done keys at a time
@@ -87,7 +89,15 @@ def key_hash(key: str) -> int:
 
 
 def pixels(batch: list[Decoded]) -> torch.Tensor:
-    """The preprocessed pixels of a batch, (N, 3, H, W) float32."""
+    """The preprocessed pixels of a batch, (N, 3, H, W) float32 (no copy when they are the rows, in order, of one
+    array, as `decode.normalise` makes them)."""
+    if batch:
+        base = batch[0].pixels.base
+        if (isinstance(base, np.ndarray) and base.ndim == 4 and base.shape[0] == len(batch) and base.dtype == np.float32
+                and base.flags.c_contiguous and all(d.pixels.base is base for d in batch)):
+            start, step = base.__array_interface__["data"][0], base.strides[0]
+            if all(d.pixels.__array_interface__["data"][0] == start + j * step for j, d in enumerate(batch)):
+                return torch.from_numpy(base)
     return torch.from_numpy(np.stack([d.pixels for d in batch]))
 
 
@@ -171,7 +181,8 @@ def run_job(
 
 def _decoded(batches: Iterator[list[Item]], processor: ImageProcessor, workers: int, max_pixels: int
              ) -> Iterator[list[Decoded | Failure]]:
-    """Decoded batches in order; with workers, up to two batches per worker are decoded ahead of the step."""
+    """Decoded batches in order; with workers, up to two batches per worker are decoded ahead of the step (they send
+    uint8 images back, normalised here: a quarter of the bytes of float pixels)."""
     if workers == 0:
         for batch in batches:
             yield decode_batch(batch, processor, max_pixels)
@@ -184,12 +195,12 @@ def _decoded(batches: Iterator[list[Item]], processor: ImageProcessor, workers: 
         with warnings.catch_warnings():
             # LanceDB warns at every fork; the workers only decode images and never touch a table
             warnings.filterwarnings("ignore", message=".*(lance|lancedb).*fork", category=Warning)
-            ahead: deque[Future] = deque([pool.submit(decode_batch, first, processor, max_pixels)])
+            ahead: deque[Future] = deque([pool.submit(decode_batch, first, processor, max_pixels, True)])
         for batch in batches:
-            ahead.append(pool.submit(decode_batch, batch, processor, max_pixels))
+            ahead.append(pool.submit(decode_batch, batch, processor, max_pixels, True))
             if len(ahead) >= 2 * workers:
-                yield ahead.popleft().result()
+                yield normalise(ahead.popleft().result(), processor)
         while ahead:
-            yield ahead.popleft().result()
+            yield normalise(ahead.popleft().result(), processor)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)

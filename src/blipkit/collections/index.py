@@ -83,6 +83,9 @@ class Index:
         """(table, settings) for searching: the table must exist and match the model."""
         if self._table is None:
             self._table = store.open_table(store.connect(self.db, write=False), self.name)
+        if store.settings_of(self._table).get("task", "index") != "index":
+            raise InputError(f"table '{self.name}' in '{self.db}' holds captions, not image embeddings: search a "
+                             "table built by `blipkit index`")
         settings = EmbedStep(self.model).settings()
         return self._table, store.check_same_model(self._table, settings, self.db)
 

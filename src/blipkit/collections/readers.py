@@ -71,6 +71,11 @@ def file_item(path: str | Path, text: str | None = None) -> Item:
     return Item(f"{path}|{st.st_size}|{st.st_mtime_ns}", path, path, text=text)
 
 
+def file_of_key(key: str) -> str:
+    """The path a file's key starts with (`ABSOLUTE_PATH|SIZE|MTIME_NS`; other keys give a path that is no file)."""
+    return key.rsplit("|", 2)[0]
+
+
 def _is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
 

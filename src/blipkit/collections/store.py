@@ -29,6 +29,7 @@ ANN_MIN_ROWS = 100_000  # `ann="auto"` indexes from this many rows on; below, ex
 ANN_MIN_TRAIN = 512  # fewer rows cannot train the product quantiser's 256 centroids per sub-vector
 ANN_TYPES = {"ivf_pq": "IVF_PQ", "hnsw": "IVF_HNSW_SQ"}
 ANN_CHOICES = ("auto", "none", *ANN_TYPES)
+CAPTION_SETTINGS = ("options", "seed", "prefix", "suffix", "captions")  # a caption table keeps these
 
 
 def lance_module():
@@ -97,22 +98,27 @@ def check_same_model(table, settings: dict[str, Any], db: str | Path) -> dict[st
 
 
 def schema(settings: dict[str, Any]):
-    """The Arrow schema of an image table with these settings (metadata included)."""
+    """The Arrow schema of a table with these settings (metadata included): the item columns, then the step's."""
     import pyarrow as pa
 
-    d = settings["dim"]
     fields = [pa.field("key", pa.string(), nullable=False), pa.field("path", pa.string(), nullable=False),
-              pa.field("width", pa.int32()), pa.field("height", pa.int32()), pa.field("text", pa.string()),
-              pa.field("embedding", pa.list_(pa.float32(), d))]
-    if settings["queries"]:
-        fields.append(pa.field("queries", pa.list_(pa.list_(pa.float32(), d))))
-    if settings["features"]:
-        fields.append(pa.field("features", pa.list_(pa.float16(), int(np.prod(settings["features"])))))
-    if settings["caption"]:
+              pa.field("width", pa.int32()), pa.field("height", pa.int32()), pa.field("text", pa.string())]
+    if settings.get("task") == "caption":
         fields.append(pa.field("caption", pa.string()))
-    if settings["labels"]:
-        fields += [pa.field("label", pa.string()), pa.field("label_scores", pa.list_(pa.float32(),
-                                                                                     len(settings["labels"])))]
+        if settings["captions"] > 1:
+            fields.append(pa.field("captions", pa.list_(pa.string())))
+    else:
+        d = settings["dim"]
+        fields.append(pa.field("embedding", pa.list_(pa.float32(), d)))
+        if settings["queries"]:
+            fields.append(pa.field("queries", pa.list_(pa.list_(pa.float32(), d))))
+        if settings["features"]:
+            fields.append(pa.field("features", pa.list_(pa.float16(), int(np.prod(settings["features"])))))
+        if settings["caption"]:
+            fields.append(pa.field("caption", pa.string()))
+        if settings["labels"]:
+            fields += [pa.field("label", pa.string()),
+                       pa.field("label_scores", pa.list_(pa.float32(), len(settings["labels"])))]
     meta = dict(settings, created=time.strftime("%Y-%m-%dT%H:%M:%S"))
     return pa.schema(fields, metadata={META_KEY: json.dumps(meta).encode()})
 
@@ -147,12 +153,17 @@ def _contains(sorted_hashes: np.ndarray, hashes: np.ndarray) -> np.ndarray:
 
 
 class TableWriter:
-    """Writes a job's batches to `table` (created with `settings` when new) and its failures to `table_errors`."""
+    """Writes a job's batches to `table` (created with `settings` when new) and its failures to `table_errors`.
 
-    def __init__(self, db: str | Path, table: str, settings: dict[str, Any], ann: str = "auto") -> None:
+    `settings` come from the step (`EmbedStep.settings()`, `CaptionStep.settings()`); with `overwrite` every item is
+    computed again and its row replaced (the default skips the keys already in either table).
+    """
+
+    def __init__(self, db: str | Path, table: str, settings: dict[str, Any], ann: str = "auto",
+                 overwrite: bool = False) -> None:
         if ann not in ANN_CHOICES:
             raise InputError(f"ann={ann!r}: use one of {', '.join(ANN_CHOICES)}")
-        self.name, self.ann = table, ann
+        self.name, self.ann, self.overwrite = table, ann, overwrite
         self.db = connect(db, write=True)
         self.lance = lance_module()
         names = table_names(self.db)
@@ -171,7 +182,9 @@ class TableWriter:
         self.paths = _hashes(self.table, "path")
 
     def done(self, keys: list[str]) -> list[bool]:
-        """Whether each key is in the table or the errors table already."""
+        """Whether each key is in the table or the errors table already (never, with overwrite)."""
+        if self.overwrite:
+            return [False] * len(keys)
         h = np.array([key_hash(k) for k in keys], dtype=np.int64)
         return (_contains(self.done_keys, h) | _contains(self.failed_keys, h)).tolist()
 
@@ -179,7 +192,9 @@ class TableWriter:
         """Commit one batch: its failures to the errors table, then its rows (each one atomic Lance version)."""
         import pyarrow as pa
 
-        if failures:
+        failed = np.array([key_hash(f.item.key) for f in failures], dtype=np.int64)
+        failures = [f for f, known in zip(failures, _contains(self.failed_keys, failed), strict=True) if not known]
+        if failures:  # (a key already recorded failed again: with overwrite; its record stays as it is)
             rows = pa.table({"key": [f.item.key for f in failures], "path": [f.item.path for f in failures],
                              "reason": [f.reason for f in failures],
                              "time": pa.array([int(time.time())] * len(failures), pa.timestamp("s"))},
@@ -211,7 +226,7 @@ class TableWriter:
             value = columns[f.name]
             if pa.types.is_fixed_size_list(f.type):
                 data[f.name] = _fixed(np.asarray(value, dtype=f.type.value_type.to_pandas_dtype()), f.type)
-            elif pa.types.is_list(f.type):  # multivector: (N, Q, D)
+            elif pa.types.is_list(f.type) and pa.types.is_fixed_size_list(f.type.value_type):  # multivector (N, Q, D)
                 inner = _fixed(np.asarray(value, dtype=np.float32), f.type.value_type)
                 q = np.asarray(value).shape[1]
                 data[f.name] = pa.ListArray.from_arrays(pa.array(np.arange(len(batch) + 1, dtype=np.int32) * q), inner)
@@ -224,7 +239,7 @@ class TableWriter:
         rows = self.table.count_rows()
         if len(self.table.get_fragments()) > 1:
             self.table.optimize.compact_files()  # one fragment per batch would slow every scan down
-        index = ensure_index(self.table, self.settings, self.ann)
+        index = ensure_index(self.table, self.settings, self.ann) if "dim" in self.settings else None
         self.table = self.lance.dataset(self.table.uri)
         return {"rows": rows, "errors": self.errors.count_rows() if self.errors is not None else 0,
                 "ann": index, "version": self.table.version}
@@ -236,6 +251,17 @@ def _sql_str(s: str) -> str:
 
 def _merge_settings(stored: dict[str, Any], wanted: dict[str, Any], table: str) -> dict[str, Any]:
     """The table's own column settings; asking for columns it lacks is an error (they would be missing for old rows)."""
+    if stored.get("task", "index") != wanted.get("task", "index"):
+        raise InputError(f"table '{table}' holds {stored.get('task', 'index')} results, not "
+                         f"{wanted.get('task', 'index')} results: use another --table")
+    if wanted.get("task") == "caption":
+        mine, theirs = _flat({k: wanted[k] for k in CAPTION_SETTINGS}), _flat({k: stored[k] for k in CAPTION_SETTINGS})
+        changed = [f"{k} {theirs.get(k)!r} -> {mine.get(k)!r}" for k in sorted(set(mine) | set(theirs))
+                   if mine.get(k) != theirs.get(k)]
+        if changed:
+            raise InputError(f"table '{table}' was captioned with other settings ({', '.join(changed)}): use the "
+                             "same options or another --table")
+        return stored
     for name, flag in (("features", "--features"), ("caption", "--caption")):
         if wanted[name] and not stored[name]:
             raise InputError(f"table '{table}' was built without {flag}: index into a new --table to have {name}")
@@ -243,6 +269,14 @@ def _merge_settings(stored: dict[str, Any], wanted: dict[str, Any], table: str) 
         raise InputError(f"table '{table}' has labels {stored['labels'] or 'none'}, not {wanted['labels']}: "
                          "use the same --labels or another --table")
     return stored
+
+
+def _flat(settings: dict[str, Any]) -> dict[str, Any]:
+    """Nested settings as {"options.num_beams": 3, ...}."""
+    out: dict[str, Any] = {}
+    for k, v in settings.items():
+        out.update({f"{k}.{kk}": vv for kk, vv in _flat(v).items()} if isinstance(v, dict) else {k: v})
+    return out
 
 
 def vector_column(settings: dict[str, Any]) -> str:
