@@ -19,6 +19,7 @@ import json
 import math
 import os
 import pickle
+import re
 import resource
 import select
 import shutil
@@ -100,8 +101,9 @@ def names_in(names: tuple[str, ...], message: str) -> bool:
     return False
 
 
-def outputs_problem(value: Any) -> str | None:
-    """Tensors in a result that require grad (they keep the whole graph alive)."""
+def outputs_problem(value: Any, grad: bool) -> str | None:
+    """NaN or infinite values in a result; with `grad`, also tensors that require grad (they keep the whole graph
+    alive: counted in the memory category only, so the other categories show what else is wrong)."""
     import torch
 
     seen: list[Any] = []
@@ -122,7 +124,7 @@ def outputs_problem(value: Any) -> str | None:
                 walk(getattr(x, k, None), depth + 1)
 
     walk(value)
-    if any(t.requires_grad for t in seen):
+    if grad and any(t.requires_grad for t in seen):
         return "result requires grad"
     if any(t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()) for t in seen):
         return "result holds NaN or infinite values"
@@ -130,7 +132,7 @@ def outputs_problem(value: Any) -> str | None:
 
 
 def api(call: Callable[[], Any], expect: str = "error", names: tuple[str, ...] = (),
-        check: Callable[[Any], Any] | None = None) -> Callable[[], str | None]:
+        check: Callable[[Any], Any] | None = None, grad: bool = False) -> Callable[[], str | None]:
     """A case calling the API. expect: "error" (must raise a BlipkitError), "ok" (must return a right answer that
     `check` accepts), "either" (a right answer or a BlipkitError)."""
 
@@ -144,7 +146,7 @@ def api(call: Callable[[], Any], expect: str = "error", names: tuple[str, ...] =
             return problem
         if expect == "error":
             return f"accepted: returned {first_line(repr(value), 100)}"
-        problem = outputs_problem(value)
+        problem = outputs_problem(value, grad)
         if problem:
             return problem
         if check is not None:
@@ -576,6 +578,7 @@ def tensors(s: Survey, fx: Fixtures) -> None:
         ("features (0, 65, hidden)", lambda: feats[:0], "either", ("feature", "empty", "0"), 0, None),
     ]
     for name, make, expect, names, rows, tol in cases:
+        names = (*names, "tensor") if names else names
         check = close_to(ref.repeat(rows, 1), tol) if tol is not None else shape_is(rows, 1)
         s.add("tensors", f"match({name})", api(lambda mk=make: m.match(mk(), "a red circle"), expect, names, check))
         if "features" not in name:
@@ -591,8 +594,8 @@ def tensors(s: Survey, fx: Fixtures) -> None:
         ("HWC pixels", lambda: px2[0].permute(1, 2, 0).contiguous(), "error", ("shape",), None),
         ("(1, 5, hidden) float", lambda: torch.randn(1, 5, 192), "error", ("shape", "feature"), None),
     ]:
-        s.add("tensors", f"BLIP-2 match({name})", api(lambda mk=make: m2().match(mk(), "a red circle"), expect, names,
-                                                      check))
+        s.add("tensors", f"BLIP-2 match({name})", api(lambda mk=make: m2().match(mk(), "a red circle"), expect,
+                                                      (*names, "tensor") if names else names, check))
 
 
 class Str(str):
@@ -1388,7 +1391,9 @@ def cli(argv: list[str], expect: str = "error", names: tuple[str, ...] = (),
         if "Traceback" in err:
             lines = [x for x in err.splitlines() if x.strip()]
             return f"traceback: {first_line(lines[-1] if lines else err)}"
-        lines = [x for x in err.splitlines() if x.strip() and not x.startswith("wrote ")]
+        # progress bars (tqdm redraws with \r) and "wrote FILE" notes are not error lines
+        lines = [x for x in err.replace("\r", "\n").splitlines()
+                 if x.strip() and not x.startswith("wrote ") and not re.search(r"\d+%\|", x)]
         if expect == "error" or (expect == "either" and code != 0):
             if code != 2:
                 return f"exit {code}, expected 2: {first_line(lines[-1] if lines else out)}"
@@ -1440,7 +1445,6 @@ def cli_cases(s: Survey, fx: Fixtures) -> None:
     with open(os.fsencode(weird), "wb") as f:
         f.write(Path(good).read_bytes())
     out_png = str(root / "out.png")
-    victim = fx.put("cli/victim.png", Path(good).read_bytes())
     missing = str(root / "missing.png")
     nodir = str(root / "no" / "dir" / "x.png")
     under_file = str(texts / "x.png")
@@ -1587,8 +1591,9 @@ def cli_cases(s: Survey, fx: Fixtures) -> None:
         add(f"{cmd} -o missing/dir/x.png", argv + ["-o", nodir], "either", ("x.png", "dir"))
         add(f"{cmd} -o a path under a file", argv + ["-o", under_file], E, ("texts.txt", "x.png"))
         add(f"{cmd} -o a directory", argv + ["-o", str(root)], E, ("cli", "--out", "-o"))
+        victim = fx.put(f"cli/victim-{cmd}.png", Path(good).read_bytes())  # its own copy: it may be overwritten
         argv_v = [str(victim) if a == good else a for a in argv]
-        add(f"{cmd} -o the input image", argv_v + ["-o", str(victim)], E, ("victim.png",), None, [str(victim)])
+        add(f"{cmd} -o the input image", argv_v + ["-o", str(victim)], E, (victim.name,), None, [str(victim)])
         add(f"{cmd} -o good", argv + ["-o", out_png], "ok")
     add("plot-space no inputs", ["plot-space", "-o", out_png], E, ("image", "text"))
     add("plot-space one text", ["plot-space", "-t", "a", "-o", out_png], E, ("two", "image", "text"))
@@ -1612,7 +1617,9 @@ def cli_cases(s: Survey, fx: Fixtures) -> None:
     add("eval --out missing/dir/x.json", ev + ["--out", str(root / "no" / "dir" / "x.json")], "either",
         ("x.json", "dir"))
     add("eval --out a path under a file", ev + ["--out", str(texts / "x.json")], E, ("texts.txt", "x.json"))
-    add("eval --out the data file", ev + ["--out", str(data)], E, ("data.json",), None, [str(data)])
+    victim = fx.put("cli/victim-data.json", data.read_bytes())  # its own copy: it may be overwritten
+    add("eval --out the data file", ["eval", "--data", victim, "--tasks", "retrieval", "--out", victim], E,
+        (victim.name,), None, [str(victim)])
     add("eval zero-byte image", ["eval", "--data", str(zero_data), "--tasks", "retrieval"], E, ("zero.png",))
     add("eval --skip-bad zero-byte image", ["eval", "--data", str(zero_data), "--tasks", "retrieval", "--skip-bad"],
         "ok")
@@ -1793,7 +1800,7 @@ def memory(s: Survey, fx: Fixtures) -> None:
         "tasks.embedding_space": lambda: tasks.embedding_space(m, texts=t + ["a green star"]),
     }
     for name, call in calls.items():
-        s.add("memory", f"{name} result without grad", api(call, "ok"))
+        s.add("memory", f"{name} result without grad", api(call, "ok", grad=True))
 
     def weights_untouched() -> str | None:
         tasks.gradcam(m, g, t[0])
@@ -1818,7 +1825,7 @@ def memory(s: Survey, fx: Fixtures) -> None:
         kept = [m.match(g, [f"text {i}" for i in range(100)]) for _ in range(20)]
         return kept[-1]
 
-    s.add("memory", "20 results of match(image, 100 texts) kept within 1 GB", api(many_results, "ok"),
+    s.add("memory", "20 results of match(image, 100 texts) kept within 1 GB", api(many_results, "ok", grad=True),
           memory=1 * GB, timeout=120)
 
 
@@ -1878,7 +1885,12 @@ def main() -> int:
     if not Path(blipkit.__file__).resolve().is_relative_to(src / "src"):
         raise SystemExit(f"imported blipkit from {blipkit.__file__}, not from {src / 'src'}")
     start = time.process_time()
+    here = os.getcwd()
     with tempfile.TemporaryDirectory(prefix="try-inputs-") as tmp:
+        # relative paths (a save to '', an output named 'x.png') land in a scratch folder, not in the caller's
+        scratch = Path(tmp) / "cwd"
+        scratch.mkdir()
+        os.chdir(scratch)
         fx = Fixtures(Path(tmp), src)
         survey = Survey()
         add_all(survey, fx)
@@ -1891,6 +1903,7 @@ def main() -> int:
             if verdict is not None or (i + 1) % 50 == 0:
                 print(f"{i + 1}/{len(cases)} [{case.category}] {case.name}: {verdict or 'clean'}", file=sys.stderr,
                       flush=True)
+        os.chdir(here)
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = time.process_time() - start + children.ru_utime + children.ru_stime
     print(f"blipkit from {src} ({len(cases)} inputs, {cpu:.0f} s CPU)\n")

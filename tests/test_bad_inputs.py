@@ -274,6 +274,7 @@ def test_gradcam_leaves_no_gradient_on_the_weights(model):
 @pytest.mark.parametrize("options, names", [
     (dict(min_new_tokens=100, max_new_tokens=100, prompt="red " * 40), ("min_new_tokens", "max_new_tokens")),
     (dict(max_new_tokens=10**7), ("max_new_tokens",)),
+    (dict(num_beams=10**6, max_new_tokens=5), ("num_beams",)),
 ])
 def test_blip_generation_is_bounded_by_the_position_table(model, options, names):
     refused(lambda: model.caption(A, **{"num_beams": 1, **options}), *names)
@@ -392,6 +393,55 @@ def test_corpus_of_bad_api_inputs(model, call, names):
     refused(lambda: call(model), *names)
 
 
+# What the survey (scripts/try_inputs.py) still found after the input checks: each was accepted with a wrong or
+# meaningless answer, ran out of memory, or raised a TypeError from inside torch / numpy / scikit-learn.
+@pytest.mark.parametrize("call, names", [
+    (lambda m: m.match(Image.new("RGB", (0, 0)), "a"), ("0x0", "empty")),
+    (lambda m: m.match(Image.new("RGB", (0, 10)), "a"), ("0x10", "empty")),
+    (lambda m: m.match(torch.zeros(0, 3, 128, 128), "a"), ("shape", "N >= 1")),
+    (lambda m: m.match(m.pixels(A) * 1e30, "a"), ("pixel values",)),
+    (lambda m: m.encode_images(torch.full((3, 128, 128), -5e3)), ("pixel values",)),
+    (lambda m: m.caption(A, num_beams=10**6, max_new_tokens=5), ("num_beams",)),
+    (lambda m: m.caption(A, do_sample=True, num_captions=10**6), ("num_captions",)),
+    (lambda m: tasks.classify(m, A, None), ("labels",)),
+    (lambda m: tasks.classify(m, A, 5), ("labels",)),
+    (lambda m: tasks.classify(m, A, b"a red circle"), ("labels",)),
+    (lambda m: tasks.classify(m, A, {"a red circle"}), ("labels",)),
+    (lambda m: tasks.classify(m, A, {"a red circle": 1}), ("labels",)),
+    (lambda m: tasks.classify(m, A, [["a red circle"]]), ("label 0",)),
+    (lambda m: tasks.classify(m, A, ["a red circle", None]), ("label 1",)),
+    (lambda m: tasks.classify(m, A, ["a red circle", "\x01\x02"]), ("label 1",)),
+    (lambda m: tasks.classify(m, A, "\u200b"), ("label 0",)),
+    (lambda m: tasks.classify(m, A, ["circle"], templates=["a {0} {}"]), ("template",)),
+    (lambda m: tasks.classify(m, A, ["circle", "square"], k=1.5), ("k",)),
+    (lambda m: tasks.classify(m, A, ["circle", "square"], k="3"), ("k",)),
+    (lambda m: tasks.classify(m, A, ["circle", "square"], temperature=float("nan")), ("temperature",)),
+    (lambda m: tasks.classify(m, A, ["circle", "square"], batch_size="8"), ("batch_size",)),
+    (lambda m: tasks.rank_texts(m, A, ["a", "b"], k=0), ("k",)),
+    (lambda m: tasks.rank_texts(m, A, ["a", "b"], top_n=0), ("top_n",)),
+    (lambda m: tasks.rank_texts(m, A, ["a", "b"], top_n=1.5), ("top_n",)),
+    (lambda m: tasks.rank_images(m, "a", [A, B], k=0), ("k",)),
+    (lambda m: tasks.ground(m, A, "a circle", threshold="0.5"), ("threshold",)),
+    (lambda m: tasks.ground(m, A, "a circle", layer=True), ("layer",)),
+    (lambda m: tasks.cross_attention_maps(m, A, "a circle", suppress_common="yes"), ("suppress_common",)),
+    (lambda m: tasks.embedding_space(m, texts=["a", "b", "c"], seed="x"), ("seed",)),
+    (lambda m: tasks.embedding_space(m, texts=["a", "b", "c"], seed=-1), ("seed",)),
+])
+def test_corpus_of_bad_api_inputs_found_after_the_checks(model, call, names):
+    refused(lambda: call(model), *names)
+
+
+def test_options_at_their_limits_still_work(model):
+    """The bounds refuse only what is out of range: k or top_n above the count keeps everything."""
+    assert len(tasks.rank_texts(model, A, ["a red circle", "a blue square"], k=5, top_n=5)) == 2
+    assert len(tasks.classify(model, A, ["circle", "square"], k=5)[0]) == 2
+    assert len(model.caption(A, num_beams=4, num_captions=4, max_new_tokens=6)[0]) == 4
+
+
+def test_blip2_beams_are_bounded(opt):
+    refused(lambda: opt.caption(A, num_beams=10**6, max_new_tokens=5), "num_beams")
+
+
 def test_save_targets_that_are_files_are_refused(model, tmp_path):
     target = tmp_path / "a-file"
     target.write_text("keep me")
@@ -460,6 +510,20 @@ def test_match_and_similarity_take_any_texts(model, texts):
 
 
 @FAST
+@given(labels=TEXTS)
+def test_classify_takes_any_labels(model, labels):
+    try:
+        top = tasks.classify(model, A, labels, k=3)
+    except BlipkitError as e:
+        one_line(e, *NAMES)
+        return
+    assert isinstance(labels, (str, list)), f"{labels!r} was taken as labels"
+    given_labels = [x.strip() for x in ([labels] if isinstance(labels, str) else labels)]
+    assert all(label.strip() in given_labels for label, _ in top[0])
+    assert math.isclose(sum(s for _, s in tasks.classify(model, A, labels, k=len(given_labels))[0]), 1, abs_tol=1e-3)
+
+
+@FAST
 @given(question=TEXTS, answers=st.one_of(st.none(), TEXTS))
 def test_answer_takes_any_question_and_candidates(model, question, answers):
     try:
@@ -523,6 +587,26 @@ def test_blip2_caption_options_give_captions_or_name_the_option(opt, options):
         one_line(e, *options)
         return
     caption_shape_ok(out, 1, options)
+
+
+@FAST
+@given(shape=st.one_of(
+    st.lists(st.sampled_from([0, 1, 2, 3, 4]), max_size=5),
+    st.tuples(st.sampled_from([[], [1], [2], [0]]),
+              st.sampled_from([(3, 128, 128), (3, 64, 64), (1, 128, 128), (128, 128, 3), (3, 128, 192)]))
+    .map(lambda t: [*t[0], *t[1]])),
+       dtype=st.sampled_from([torch.float32, torch.float16, torch.float64, torch.uint8, torch.int64, torch.bool]),
+       fill=st.sampled_from([0.0, 1.0, -2.5, float("nan"), float("inf"), 1e30]))
+def test_any_tensor_is_pixels_of_the_right_shape_or_refused(model, shape, dtype, fill):
+    x = torch.full(shape, fill).to(dtype) if dtype.is_floating_point else torch.zeros(shape, dtype=dtype)
+    try:
+        out = model.match(x, "a red circle")
+    except BlipkitError as e:
+        one_line(e)
+        return
+    assert dtype.is_floating_point and abs(fill) <= 1000, f"{dtype} {fill} taken as pixels"
+    n = 1 if len(shape) == 3 else shape[0]
+    assert tuple(shape[-3:]) == (3, 128, 128) and out.shape == (n, 1)
 
 
 CONFIG_KEYS = ["vision_config.hidden_size", "vision_config.num_hidden_layers", "vision_config.num_attention_heads",

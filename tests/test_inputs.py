@@ -170,10 +170,28 @@ def test_raw_and_bad_image_tensors_refused(blip):
                                                  "normalised pixels")):
         blip.caption(nan)
     with pytest.raises(InputError, match=exactly(
-        "the image tensor has shape (1, 10, 192); preprocessed pixels are (3, 128, 128) or (N, 3, 128, 128): pass "
-        "a path or PIL image instead"
+        "the image tensor has shape (1, 10, 192); preprocessed pixels are (3, 128, 128) or (N, 3, 128, 128) with "
+        "N >= 1: pass a path or PIL image instead"
     )):
         blip.match(torch.randn(1, 10, 192), "a red square")  # last size = hidden size: no longer taken as features
+    with pytest.raises(InputError, match=exactly(
+        "the image tensor has shape (0, 3, 128, 128); preprocessed pixels are (3, 128, 128) or (N, 3, 128, 128) with "
+        "N >= 1: pass a path or PIL image instead"
+    )):
+        blip.match(torch.zeros(0, 3, 128, 128), "a red square")
+    with pytest.raises(InputError, match=exactly(
+        "the image tensor holds pixel values up to 2.55e+04, not normalised pixels (those lie within a few units of "
+        "0; at most 1000 is taken): pass a path or PIL image, or normalise with model.processor"
+    )):
+        blip.match(blip.pixels(RED) * 0 + 25500.0, "a red square")  # 0-255 values, as floats
+    assert blip.match(blip.pixels(RED) * 3, "a red square").shape == (1, 1)  # past the processor's range: taken
+
+
+@pytest.mark.parametrize("size", [(0, 0), (0, 10), (10, 0)])
+def test_empty_pil_images_refused(blip, size):
+    with pytest.raises(InputError, match=exactly(f"the PIL image is {size[0]}x{size[1]} pixels, an empty image: pass "
+                                                 "an image with pixels")):
+        blip.match(Image.new("RGB", size), "a red square")
 
 
 @pytest.mark.parametrize("family", ["blip", "itm2"])

@@ -150,7 +150,7 @@ def test_classify_errors(model, images):
         tasks.classify(model, images, ["cat"], templates=["a picture"])
     with pytest.raises(InputError, match="head"):
         tasks.classify(model, images, ["cat"], head="clip")
-    with pytest.raises(InputError, match="k=0"):
+    with pytest.raises(InputError, match="k must be >= 1, got 0"):
         tasks.classify(model, images, ["cat"], k=0)
     with pytest.raises(InputError, match="does not exist"):
         tasks.classify(model, ["missing.png"], ["cat"])

@@ -32,6 +32,14 @@ WEIGHT_FILES = (
 )
 # Buffers older checkpoints stored that blipkit derives instead.
 DERIVED_SUFFIXES = (".position_ids",)
+MODELS_DIR = Path(__file__).parent / "models"
+
+
+def shipped_models() -> dict[str, Path]:
+    """Models trained by this project and installed with the package: name -> directory."""
+    if not MODELS_DIR.is_dir():
+        return {}
+    return {p.name: p for p in sorted(MODELS_DIR.iterdir()) if (p / "config.json").is_file()}
 
 
 def read_config(directory: Path) -> dict:
@@ -42,20 +50,24 @@ def read_config(directory: Path) -> dict:
     return read_json(path)
 
 
-def _weight_files(directory: Path) -> list[Path]:
+def _weight_files(directory: Path) -> tuple[list[Path], Path | None, dict[str, Path]]:
+    """(weight files, the index or None, the shard each tensor is in by the index)."""
     for name in WEIGHT_FILES:
         path = directory / name
         if path.is_file():
-            return _index_files(path, directory) if name.endswith(".index.json") else [path]
+            if name.endswith(".index.json"):
+                listed = _index(path, directory)
+                return sorted(set(listed.values())), path, listed
+            return [path], None, {}
     raise CheckpointError(f"{directory}: no weights found (looked for {', '.join(WEIGHT_FILES)})")
 
 
-def _index_files(path: Path, directory: Path) -> list[Path]:
-    """The shard files a weight index names: each a file name inside `directory` that exists."""
+def _index(path: Path, directory: Path) -> dict[str, Path]:
+    """Tensor name -> shard file, as a weight index lists them: each a file name inside `directory` that exists."""
     weight_map = read_json(path).get("weight_map")
     require(isinstance(weight_map, dict) and bool(weight_map), path, "weight_map",
             f"is {weight_map!r:.60}, not an object mapping tensor names to shard files")
-    files = set()
+    listed = {}
     for key, name in weight_map.items():
         where = f"weight_map.{key}"
         require(isinstance(name, str) and bool(name), path, where, f"is {name!r:.60}, not a file name")
@@ -65,8 +77,8 @@ def _index_files(path: Path, directory: Path) -> list[Path]:
         if not shard.is_file():
             raise CheckpointError(f"{path}: '{where}' names {name!r:.60}, which is missing from {directory}; "
                                   "download every shard the index lists")
-        files.add(shard)
-    return sorted(files)
+        listed[key] = shard
+    return listed
 
 
 # safetensors dtype names -> torch dtypes
@@ -153,17 +165,26 @@ def iter_tensors(directory: Path, dtype_for: DtypeFor | None = None) -> Iterator
     `dtype_for(key, stored_dtype)` gives the dtype to yield each tensor in (default: as stored).
     """
     dtype_for = dtype_for or (lambda key, stored: stored)
-    for path in _weight_files(directory):
+    files, index, listed = _weight_files(directory)
+    seen: set[str] = set()
+    for path in files:
         if not path.is_file():
             raise CheckpointError(f"{path}: listed in the weight index but missing")
         if path.suffix == ".safetensors":
-            yield from ((k, v, path) for k, v in _read_safetensors(path, dtype_for))
+            tensors = _read_safetensors(path, dtype_for)
         else:
             try:
                 state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             except Exception as e:  # noqa: BLE001 - torch raises many kinds here; all mean "unreadable"
                 raise CheckpointError(f"{path}: cannot read PyTorch weights ({e})") from None
-            yield from ((k, v.to(dtype_for(k, v.dtype)), path) for k, v in state.items())
+            tensors = ((k, v.to(dtype_for(k, v.dtype))) for k, v in state.items())
+        for key, tensor in tensors:
+            seen.add(key)
+            yield key, tensor, path
+    absent = next((key for key in listed if key not in seen), None)
+    if absent is not None:
+        raise CheckpointError(f"{index}: 'weight_map.{absent}' names {listed[absent].name}, which holds no tensor "
+                              f"'{absent}'; restore the index (or the shard) from the checkpoint")
 
 
 def _set(model: nn.Module, name: str, value: nn.Parameter) -> None:
@@ -233,6 +254,10 @@ def _checked_param(
         raise CheckpointError(
             f"{path}: shape mismatch for '{key}': checkpoint {tuple(tensor.shape)}, model {tuple(p.shape)}"
         )
+    if tensor.is_floating_point() != p.is_floating_point():
+        raise CheckpointError(f"{path}: tensor '{key}' is {str(tensor.dtype).removeprefix('torch.')}, where the "
+                              f"model has a {'floating-point' if p.is_floating_point() else 'integer'} parameter; "
+                              "restore the weights from the checkpoint")
     return p
 
 

@@ -58,13 +58,13 @@ class Rule:
             return next((p for p in map(self.problem, value) if p is not None), None)
         if self.kind is float:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
-                return f"a {_json_type(value)}, not a number"
+                return f"{_a(_json_type(value))}, not a number"
             if not math.isfinite(value):
                 return "not a finite number"
         elif self.kind is int and (isinstance(value, bool) or not isinstance(value, int)):
-            return f"a {_json_type(value)}, not an integer"
+            return f"{_a(_json_type(value))}, not an integer"
         elif not isinstance(value, self.kind):
-            return f"a {_json_type(value)}, not a {_json_type(self.kind())}"
+            return f"{_a(_json_type(value))}, not {_a(_json_type(self.kind()))}"
         if self.choices and value not in self.choices:
             return f"not one of {', '.join(map(repr, self.choices))}"
         too_low = self.lo is not None and (value < self.lo or (self.lo_open and value == self.lo))
@@ -75,6 +75,10 @@ class Rule:
     def _range(self) -> str:
         low = f"above {self.lo}" if self.lo_open else f"at least {self.lo}"
         return low if self.hi is None else f"{low} and at most {self.hi}"
+
+
+def _a(noun: str) -> str:
+    return f"{'an' if noun[0] in 'aeiou' else 'a'} {noun}"
 
 
 def _json_type(value: Any) -> str:
@@ -151,7 +155,7 @@ def section(d: dict[str, Any], key: str, source: str | Path, prefix: str = "") -
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise fail(source, prefix + key, f"is a {_json_type(value)}, not an object")
+        raise fail(source, prefix + key, f"is {_a(_json_type(value))}, not an object")
     return value
 
 

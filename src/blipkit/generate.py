@@ -25,33 +25,41 @@ from .errors import InputError
 
 Step = Callable[[Tensor, Any], tuple[Tensor, Any]]
 NEG = -1.0e9
+MAX_SEQUENCES = 256  # beams or samples decoded per input: each is a row of logits over the vocabulary and a KV cache
 
 
-def _integer(name: str, value: Any, low: int) -> int:
-    """`value` as an int >= `low` (bools and floats refused), else InputError naming the option."""
+def check_int(name: str, value: Any, low: int = 1, high: int | None = None) -> int:
+    """`value` as an int in [low, high] (bools and floats refused), else InputError naming the option."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise InputError(f"{name} must be an integer, got {value!r}")
+        raise InputError(f"{name} must be an integer, got {value!r:.60}")
     if value < low:
         raise InputError(f"{name} must be >= {low}, got {value}")
+    if high is not None and value > high:
+        raise InputError(f"{name} must be at most {high}, got {value}")
     return int(value)
 
 
 def check_count(name: str, value: Any) -> int:
     """`value` as an int >= 1 (bools and floats refused), else InputError naming the option."""
-    return _integer(name, value, 1)
+    return check_int(name, value, 1)
 
 
-def _real(name: str, value: Any) -> float:
-    """`value` as a finite float (bools refused), else InputError naming the option."""
+def check_real(name: str, value: Any, low: float | None = None, high: float | None = None,
+               low_open: bool = False) -> float:
+    """`value` as a finite float in [low, high] ((low, high] with `low_open`; bools refused), else InputError."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise InputError(f"{name} must be a finite number, got {value!r}")
+        raise InputError(f"{name} must be a finite number, got {value!r:.60}")
+    if low is not None and (value < low or (low_open and value == low)):
+        raise InputError(f"{name} must be {'>' if low_open else '>='} {low}, got {value}")
+    if high is not None and value > high:
+        raise InputError(f"{name} must be at most {high}, got {value}")
     return float(value)
 
 
-def _flag(name: str, value: Any) -> bool:
+def check_flag(name: str, value: Any) -> bool:
     """`value` if it is a bool, else InputError naming the option."""
     if not isinstance(value, (bool, np.bool_)):
-        raise InputError(f"{name} must be True or False, got {value!r}")
+        raise InputError(f"{name} must be True or False, got {value!r:.60}")
     return bool(value)
 
 
@@ -78,19 +86,19 @@ class GenerationConfig:
         (`caption` calls `num_return_sequences` `num_captions`).
         """
         label = (labels or {}).get
-        self.max_new_tokens = _integer(label("max_new_tokens", "max_new_tokens"), self.max_new_tokens, 1)
-        self.min_new_tokens = _integer("min_new_tokens", self.min_new_tokens, 0)
-        self.num_beams = _integer("num_beams", self.num_beams, 1)
-        self.num_return_sequences = _integer(label("num_return_sequences", "num_return_sequences"),
-                                             self.num_return_sequences, 1)
-        self.do_sample = _flag("do_sample", self.do_sample)
-        self.early_stopping = _flag("early_stopping", self.early_stopping)
-        self.temperature = _real("temperature", self.temperature)
-        self.top_p = _real("top_p", self.top_p)
-        self.repetition_penalty = _real("repetition_penalty", self.repetition_penalty)
-        self.length_penalty = _real("length_penalty", self.length_penalty)
+        self.max_new_tokens = check_int(label("max_new_tokens", "max_new_tokens"), self.max_new_tokens, 1)
+        self.min_new_tokens = check_int("min_new_tokens", self.min_new_tokens, 0)
+        self.num_beams = check_int("num_beams", self.num_beams, 1, MAX_SEQUENCES)
+        self.num_return_sequences = check_int(label("num_return_sequences", "num_return_sequences"),
+                                              self.num_return_sequences, 1, MAX_SEQUENCES)
+        self.do_sample = check_flag("do_sample", self.do_sample)
+        self.early_stopping = check_flag("early_stopping", self.early_stopping)
+        self.temperature = check_real("temperature", self.temperature)
+        self.top_p = check_real("top_p", self.top_p)
+        self.repetition_penalty = check_real("repetition_penalty", self.repetition_penalty)
+        self.length_penalty = check_real("length_penalty", self.length_penalty)
         if self.top_k is not None:
-            self.top_k = _integer("top_k", self.top_k, 1)
+            self.top_k = check_int("top_k", self.top_k, 1)
         if self.min_new_tokens > self.max_new_tokens:
             raise InputError(f"min_new_tokens ({self.min_new_tokens}) cannot exceed max_new_tokens "
                              f"({self.max_new_tokens})")
@@ -115,8 +123,8 @@ SAMPLING_OPTIONS = ("do_sample", "temperature", "top_p", "top_k", "repetition_pe
 def _sampling_config(labels: dict[str, str] | None, **values: Any) -> GenerationConfig:
     """A checked config where sampling draws one sequence per result: `do_sample=True` sets `num_beams` to 1 (after
     checking the given value)."""
-    if _flag("do_sample", values.get("do_sample", False)):
-        _integer("num_beams", values.get("num_beams", 1), 1)
+    if check_flag("do_sample", values.get("do_sample", False)):
+        check_int("num_beams", values.get("num_beams", 1), 1, MAX_SEQUENCES)
         values["num_beams"] = 1
     cfg = GenerationConfig(**values)
     cfg.check(labels)
@@ -144,7 +152,7 @@ def caption_config(
     Sampling draws one sequence per caption (no beams); beam search returns the `num_captions` best beams; greedy
     decoding gives one caption per image, so `num_captions > 1` needs sampling or enough beams.
     """
-    _flag("return_scores", return_scores)
+    check_flag("return_scores", return_scores)
     return _sampling_config(
         {"num_return_sequences": "num_captions"},
         max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, num_beams=num_beams, do_sample=do_sample,

@@ -17,6 +17,9 @@ from ..fields import BOOL, MAX_IMAGE_SIZE, Float, Int, Rule, check, fail
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# Normalised pixels lie within a few units of 0 (CLIP's mean / std map 0..255 to about -1.8..2.2); a tensor beyond
+# this is not normalised pixels, and its values would overflow the model (to inf / NaN) rather than give an answer.
+MAX_PIXEL = 1000.0
 ImageLike = str | Path | Image.Image | torch.Tensor
 
 
@@ -50,6 +53,7 @@ def load_image(image: str | Path | Image.Image) -> Image.Image:
     name = "the PIL image" if isinstance(image, Image.Image) else f"image file '{image}'"
     try:
         if isinstance(image, Image.Image):  # never modified: transposing and converting make new images
+            _check_size(image, name)
             upright = image.getexif().get(ExifTags.Base.Orientation, 1) in (None, 1)
             return _to_rgb(image if upright else ImageOps.exif_transpose(image), name)
         with Image.open(image) as opened:
@@ -68,8 +72,10 @@ def load_image(image: str | Path | Image.Image) -> Image.Image:
 
 
 def _check_size(image: Image.Image, name: str) -> None:
-    """Refuse an opened, not yet decoded, image with more pixels than Pillow's decompression-bomb limit."""
+    """Refuse an opened, not yet decoded, image without pixels or with more than Pillow's decompression-bomb limit."""
     limit, (w, h) = Image.MAX_IMAGE_PIXELS, image.size
+    if w * h == 0:
+        raise InputError(f"{name} is {w}x{h} pixels, an empty image: pass an image with pixels")
     if limit is not None and w * h > limit:
         raise InputError(f"{name} is {w}x{h} = {w * h} pixels, more than the {limit} allowed "
                          "(PIL.Image.MAX_IMAGE_PIXELS, a decompression-bomb guard): pass a smaller image")
@@ -86,11 +92,16 @@ def check_pixels(tensor: torch.Tensor, size: tuple[int, int], name: str = "the i
         raise InputError(f"{name} has dtype {tensor.dtype}: a tensor is taken only as normalised float pixels; pass "
                          "raw images as a path or a PIL image (or preprocess them with model.processor)")
     batch = tensor.unsqueeze(0) if tensor.dim() == 3 else tensor
-    if batch.dim() != 4 or tuple(batch.shape[1:]) != (3, *size):
+    if batch.dim() != 4 or tuple(batch.shape[1:]) != (3, *size) or not batch.shape[0]:
         raise InputError(f"{name} has shape {shape}; preprocessed pixels are (3, {size[0]}, {size[1]}) or "
-                         f"(N, 3, {size[0]}, {size[1]}): pass a path or PIL image instead")
-    if batch.numel() and not bool(torch.isfinite(batch).all()):
+                         f"(N, 3, {size[0]}, {size[1]}) with N >= 1: pass a path or PIL image instead")
+    if not bool(torch.isfinite(batch).all()):
         raise InputError(f"{name} contains NaN or infinite values: pass finite normalised pixels")
+    largest = float(batch.abs().amax())
+    if largest > MAX_PIXEL:
+        raise InputError(f"{name} holds pixel values up to {largest:.3g}, not normalised pixels (those lie within a "
+                         f"few units of 0; at most {MAX_PIXEL:g} is taken): pass a path or PIL image, or normalise "
+                         "with model.processor")
     return batch
 
 
@@ -157,7 +168,7 @@ class ImageProcessor:
         Errors are CheckpointErrors naming `source` and the key: the size is limited to 1..MAX_IMAGE_SIZE pixels per
         side, mean and std are 3 finite numbers (std > 0), resample a PIL filter, rescale_factor finite and > 0.
         """
-        check(config, {"do_resize": BOOL, "do_rescale": BOOL, "do_normalize": BOOL}, source)
+        check(config, {"do_resize": BOOL, "do_rescale": BOOL, "do_normalize": BOOL, "do_convert_rgb": BOOL}, source)
         for key in ("do_resize", "do_rescale", "do_normalize"):
             if not config.get(key, True):
                 raise CheckpointError(f"{source}: '{key}' is false; blipkit supports only the BLIP pipeline (resize, "

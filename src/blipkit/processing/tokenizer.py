@@ -123,7 +123,7 @@ def _bpe_backend(vocab_file: Path, merges_file: Path, config: dict[str, Any]) ->
     try:
         vocab, merges = BPE.read_file(str(vocab_file), str(merges_file))
     except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception on malformed files
-        raise CheckpointError(f"cannot load {vocab_file} with {merges_file.name} ({e}): restore them from the "
+        raise CheckpointError(f"{vocab_file}: cannot load it with {merges_file.name} ({e}); restore them from the "
                               "checkpoint") from None
     backend = Backend(BPE(vocab, merges, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=config.get("add_prefix_space", False))
@@ -181,7 +181,7 @@ class Tokenizer:
             try:
                 backend = Backend.from_file(str(path / "tokenizer.json"))
             except Exception as e:  # tokenizers raises a bare Exception on malformed files
-                msg = f"cannot load {path / 'tokenizer.json'} ({e}): restore it from the checkpoint"
+                msg = f"{path / 'tokenizer.json'}: cannot load it ({e}); restore it from the checkpoint"
                 raise CheckpointError(msg) from e
             if type(backend.model).__name__ == "WordPiece":
                 named = {**_BERT_SPECIALS, **named}
@@ -194,7 +194,7 @@ class Tokenizer:
             template = [named["bos"]] * bool(config.get("add_bos_token")) + ["$A"]
             template += [named["eos"]] * bool(config.get("add_eos_token"))
         else:
-            raise CheckpointError(f"no tokenizer in '{path}': looked for tokenizer.json, vocab.txt (BERT), and "
+            raise CheckpointError(f"{path}: no tokenizer; looked for tokenizer.json, vocab.txt (BERT), and "
                                   "vocab.json + merges.txt (GPT-2/OPT); download the checkpoint's tokenizer files")
         if backend.token_to_id(BLIP_DEC) is not None:
             named.setdefault("bos", BLIP_DEC)

@@ -20,6 +20,7 @@ the Q-Former's 12, layer 0 of a 2-layer stack.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,6 +30,7 @@ from torch import Tensor
 
 from ..base import BlipBase
 from ..errors import CapabilityError, InputError
+from ..generate import check_flag
 from ..layers import recording
 from ..text import TextEncoder
 from .common import as_items
@@ -94,10 +96,10 @@ def resolve_layer(model: BlipBase, stack: Any, layer: int | None, part: str = "t
         chosen = MODEL_LAYERS.get(Path(str(model.name_or_path)).name)
         return chosen if chosen in layers else default_layer(stack)
     n = len(stack.layer)
-    if not isinstance(layer, int) or not -n <= layer < n:
+    if isinstance(layer, bool) or not isinstance(layer, numbers.Integral) or not -n <= layer < n:
         raise InputError(f"layer {layer} does not exist: {part} has layers 0..{n - 1} (cross-attention in "
                          f"{', '.join(map(str, layers))})")
-    index = layer % n
+    index = int(layer) % n
     if index not in layers:
         raise InputError(f"layer {layer} of {part} has no cross-attention: use one of {', '.join(map(str, layers))}")
     return index
@@ -219,6 +221,7 @@ def cross_attention_maps(
         layer: index into the stack (default: `default_layer`); must have cross-attention.
         suppress_common: subtract each patch's minimum over tokens (see `AttentionMaps.suppress_common`).
     """
+    check_flag("suppress_common", suppress_common)
     part, stack = find_stack(model)
     layer = resolve_layer(model, stack, layer, part)
     _, pixels = single_image(model, image)

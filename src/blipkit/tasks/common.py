@@ -15,8 +15,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..base import BlipBase
+from ..base import BlipBase, text_list
 from ..errors import InputError
+from ..generate import check_int, check_real
 
 PROGRESS_MIN = 16  # a progress bar appears from this many items on (when `progress` is left at None)
 ITC_TEMPERATURE = 0.07  # BLIP's and BLIP-2's initial ITC temperature, used when the model carries none
@@ -53,9 +54,7 @@ def check_nonempty(items: Sequence[Any], what: str) -> None:
 def temperature(model: BlipBase, value: float | None = None) -> float:
     """The ITC temperature: `value` if given, else the model's learned `temp` if it has one, else 0.07."""
     if value is not None:
-        if value <= 0:
-            raise InputError(f"temperature={value}: use a positive number (0.07 is BLIP's)")
-        return float(value)
+        return check_real("temperature", value, 0.0, low_open=True)
     temp = getattr(model, "temp", None)
     return float(temp) if isinstance(temp, Tensor) and temp.numel() == 1 else ITC_TEMPERATURE
 
@@ -64,14 +63,23 @@ def batched(items: Sequence[Any], size: int, progress: bool | None = None, desc:
     """Consecutive slices of `items` of at most `size`, with a progress bar on stderr for long inputs."""
     from tqdm import tqdm
 
-    if size < 1:
-        raise InputError(f"batch size {size}: use 1 or more")
+    size = check_int("batch_size", size, 1)
     show = len(items) >= PROGRESS_MIN if progress is None else progress
     with tqdm(total=len(items), desc=desc, unit="item", disable=not show, file=sys.stderr, leave=False) as bar:
         for start in range(0, len(items), size):
             chunk = list(items[start : start + size])
             yield chunk
             bar.update(len(chunk))
+
+
+def check_top(k: int | None, n: int, name: str = "k") -> int:
+    """How many results to keep: `k` (an integer >= 1, at most `n` kept) or all `n` when None."""
+    return n if k is None else min(check_int(name, k, 1), n)
+
+
+def texts_of(texts: Any, what: str, item: str) -> list[str]:
+    """A string or a list / tuple of strings, each checked (`base.text_list`), with outer whitespace removed."""
+    return [t.strip() for t in text_list(texts, what, item)]
 
 
 def as_items(x: Any) -> list[Any]:

@@ -18,6 +18,7 @@ holds the peak. A map without any positive value gives the whole image.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,6 +30,7 @@ from torch import Tensor
 
 from ..base import BlipBase
 from ..errors import CapabilityError, InputError
+from ..generate import check_int
 from ..layers import recording
 from .attention import (
     GROUND_STACKS,
@@ -47,6 +49,7 @@ if TYPE_CHECKING:
 
 THRESHOLD = 0.5  # fraction of the map's maximum that belongs to the object
 UPSAMPLE = 8  # map cells per patch side before thresholding: boxes finer than the patch grid
+MAX_UPSAMPLE = 64
 BOX_COLOURS = ("#ff2d2d", "#1e90ff", "#ffd700", "#32cd32", "#ff8c00", "#da70d6", "#00ced1", "#ffffff")
 
 
@@ -151,8 +154,9 @@ def box_from_map(
     heat: Tensor, threshold: float = THRESHOLD, upsample: int = UPSAMPLE
 ) -> tuple[list[float], list[float]]:
     """(box [x1, y1, x2, y2], peak [x, y]), normalised to [0, 1], of the region around the map's maximum."""
-    if not 0.0 < threshold < 1.0:
-        raise InputError(f"threshold={threshold}: use a fraction of the map's maximum between 0 and 1")
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not 0.0 < threshold < 1.0:
+        raise InputError(f"threshold={threshold!r:.60}: use a fraction of the map's maximum between 0 and 1")
+    upsample = check_int("upsample", upsample, 1, MAX_UPSAMPLE)
     heat = torch.as_tensor(heat).detach().float().clamp(min=0)
     if heat.dim() != 2:
         raise InputError(f"a map is (grid_h, grid_w), got shape {tuple(heat.shape)}")

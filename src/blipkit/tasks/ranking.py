@@ -24,6 +24,7 @@ from .common import (
     as_items,
     check_choice,
     check_nonempty,
+    check_top,
     encode_images,
     encode_texts,
     has_itc,
@@ -116,26 +117,25 @@ class Collection:
     def _rank(self, n: int, itc, itm, k: int, top_n: int, head: str | None) -> list[Hit]:
         head = head or default_head(self.model)
         check_choice(head, HEADS, "head")
-        if k < 1 or top_n < 1:
-            raise InputError(f"k={k}, top_n={top_n}: both must be 1 or more")
+        k, top_n = check_top(k, n), check_top(top_n, n, "top_n")
         if head in ("two-stage", "itc"):
             require_head(self.model, "itc", "rank with ITC")
         if head in ("two-stage", "itm"):
             require_head(self.model, "itm", "rank with ITM")
         if head == "itc":
             sims = itc()
-            top = sims.topk(min(k, n))
+            top = sims.topk(k)
             return [Hit(int(i), float(s), itc=float(s)) for s, i in zip(top.values, top.indices, strict=True)]
         if head == "itm":
             logits = itm(list(range(n)))  # (n, 2)
             probs = logits.softmax(-1)[:, 1]
-            top = probs.topk(min(k, n))
+            top = probs.topk(k)
             return [
                 Hit(int(i), float(p), itm=float(p), itm_logit=float(logits[i, 1]))
                 for p, i in zip(top.values, top.indices, strict=True)
             ]
         sims = itc()
-        first = sims.topk(min(top_n, n)).indices.tolist()
+        first = sims.topk(top_n).indices.tolist()
         logits = itm(first)  # (len(first), 2)
         probs = logits.softmax(-1)[:, 1]
         final = logits[:, 1] + sims[first]
@@ -154,7 +154,8 @@ def rank_texts(
     """Rank `texts` for one image (default: every text, two-stage when the model has ITC and ITM)."""
     texts = as_items(texts)
     check_nonempty(texts, "texts")
-    return Collection(model, texts=texts).search_texts(image, k or len(texts), top_n or len(texts), head)
+    return Collection(model, texts=texts).search_texts(image, check_top(k, len(texts)),
+                                                       check_top(top_n, len(texts), "top_n"), head)
 
 
 def rank_images(
@@ -165,4 +166,4 @@ def rank_images(
     images = as_items(images)
     check_nonempty(images, "images")
     gallery = Collection(model, images=images, batch_size=batch_size, progress=progress)
-    return gallery.search_images(text, k or len(images), top_n or len(images), head)
+    return gallery.search_images(text, check_top(k, len(images)), check_top(top_n, len(images), "top_n"), head)

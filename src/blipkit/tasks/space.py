@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from ..base import BlipBase
 from ..errors import BlipkitError, InputError
+from ..generate import check_int
 from .common import as_items, check_choice, encode_images, encode_texts
 from .render import as_pil, item_name, new_figure, save, thumbnail, wrap
 
@@ -54,6 +55,7 @@ class Space:
 def project(vectors: np.ndarray, method: str = "auto", seed: int = 0) -> tuple[np.ndarray, str]:
     """(coordinates (N, 2), method used) of `vectors` (N, D); deterministic for a given seed."""
     check_choice(method, METHODS, "method")
+    seed = check_int("seed", seed, 0, 2**32 - 1)  # what scikit-learn and umap take
     x = np.asarray(vectors, dtype=np.float64)
     n = x.shape[0]
     if n < 2:
@@ -96,6 +98,7 @@ def embedding_space(
 ) -> Space:
     """ITC embeddings of `images` and/or `texts` projected together to 2-D."""
     check_choice(method, METHODS, "method")
+    check_int("seed", seed, 0, 2**32 - 1)
     images = as_items(images) if images is not None else []
     texts = as_items(texts) if texts is not None else []
     if not images and not texts:

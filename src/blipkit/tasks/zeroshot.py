@@ -20,18 +20,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..base import BlipBase
+from ..base import BlipBase, text_list
 from ..errors import InputError
 from .common import (
-    as_items,
     check_choice,
-    check_nonempty,
+    check_top,
     encode_images,
     encode_texts,
     itc_scores,
     itm_logits,
     match_probs,
     require_head,
+    texts_of,
 )
 from .common import temperature as itc_temperature
 
@@ -40,16 +40,17 @@ DEFAULT_TEMPLATES: tuple[str, ...] = ("a picture of {}",)
 
 def prompts(labels: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES) -> list[str]:
     """Every label in every template, label-major: [t0(l0), t1(l0), ..., t0(l1), ...]."""
-    labels, templates = as_items(labels), as_items(templates)
-    check_nonempty(labels, "labels")
-    check_nonempty(templates, "templates")
-    for label in labels:
-        if not isinstance(label, str) or not label.strip():
-            raise InputError(f"label {label!r} is empty or not a string: give non-blank labels")
+    labels = texts_of(labels, "labels", "label")
+    templates = text_list(templates, "templates", "template")
     for t in templates:
-        if not isinstance(t, str) or t.count("{}") != 1:
-            raise InputError(f"template {t!r} must contain '{{}}' exactly once, where the label goes")
-    return [t.format(label.strip()) for label in labels for t in templates]
+        try:
+            filled = t.format("") if t.count("{}") == 1 else None
+        except (IndexError, KeyError, ValueError):  # other fields ("{0}", "{name}") or lone braces
+            filled = None
+        if filled is None:
+            raise InputError(f"template {t!r:.60} must contain '{{}}' exactly once, where the label goes, and no "
+                             "other braces (write '{{' and '}}' for literal ones)")
+    return [t.format(label) for label in labels for t in templates]
 
 
 @torch.no_grad()
@@ -74,7 +75,7 @@ def label_scores(
     """
     check_choice(head, ("itc", "itm"), "head")
     texts = prompts(labels, templates)
-    nl, nt = len(as_items(labels)), len(as_items(templates))
+    nl, nt = len(texts_of(labels, "labels", "label")), len(text_list(templates, "templates", "template"))
     require_head(model, head, "classify images zero-shot")
     if head == "itc":
         text_emb = F.normalize(encode_texts(model, texts).view(nl, nt, -1).mean(dim=1), dim=-1)  # (Nl, D)
@@ -96,11 +97,10 @@ def classify(
     progress: bool | None = None,
 ) -> list[list[tuple[str, float]]]:
     """The top-`k` (label, score) pairs for each image, best first (see `label_scores` for the arguments)."""
-    if k < 1:
-        raise InputError(f"k={k}: ask for at least one label")
-    labels = [str(label).strip() for label in as_items(labels)]
+    labels = texts_of(labels, "labels", "label")
+    k = check_top(k, len(labels))
     scores = label_scores(model, images, labels, templates, head, temperature, batch_size, progress)
-    top = scores.topk(min(k, len(labels)), dim=-1)
+    top = scores.topk(k, dim=-1)
     return [
         [(labels[int(j)], float(s)) for s, j in zip(vals, idx, strict=True)]
         for vals, idx in zip(top.values, top.indices, strict=True)
