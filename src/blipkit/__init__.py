@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .checkpoint import shipped_models
 from .devices import resolve_device, resolve_dtype
 from .errors import BlipkitError, CapabilityError, CheckpointError, InputError
 
@@ -23,15 +24,6 @@ if TYPE_CHECKING:
 __all__ = ["load", "create", "save", "list_models", "Index", "BlipkitError", "CheckpointError", "InputError",
            "CapabilityError"]
 __version__ = "0.1.0"
-
-MODELS_DIR = Path(__file__).parent / "models"
-
-
-def shipped_models() -> dict[str, Path]:
-    """Models trained by this project and installed with the package: name -> directory."""
-    if not MODELS_DIR.is_dir():
-        return {}
-    return {p.name: p for p in sorted(MODELS_DIR.iterdir()) if (p / "config.json").is_file()}
 
 
 def _presets() -> dict[str, tuple[str, object]]:

@@ -13,14 +13,13 @@ import json
 
 from .blip2_config import PRESETS as BLIP2_PRESETS
 from .blip2_config import Blip2Config
+from .checkpoint import shipped_models
 from .config import PRESETS, BlipConfig, check_capability
 from .errors import BlipkitError
 
 
 def _shipped_configs() -> dict[str, BlipConfig | Blip2Config]:
     """Configs of the models installed with the package (a model whose config does not read is left out)."""
-    from . import shipped_models  # the package's own list of installed models
-
     out: dict[str, BlipConfig | Blip2Config] = {}
     for name, directory in shipped_models().items():
         path = directory / "config.json"
