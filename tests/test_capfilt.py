@@ -287,3 +287,16 @@ def test_options_are_checked(image, tmp_path, tiny):
         with pytest.raises(InputError, match=message):
             capfilt(ann, tmp_path / "o", captioner=str(tiny), progress=False, **kwargs)
     assert main(["capfilt", str(ann), "--out", str(tmp_path / "o"), "--threshold", "2"]) == 2
+
+
+def test_outputs_follow_the_annotation_file_of_the_run(many, tiny, tmp_path):
+    """Parts written by jobs over other files (a subset, another order) are placed by key, not by their position."""
+    web = json.loads((many / "annotations" / "train_web.json").read_text())[:6]
+    first, reordered = tmp_path / "first.json", tmp_path / "reordered.json"
+    first.write_text(json.dumps(web[3:]))  # a job over the second half only
+    reordered.write_text(json.dumps(web[::-1]))
+    capfilt(first, tmp_path / "o", captioner=str(tiny), samples=0, image_root=many, workers=0, progress=False)
+    r = capfilt(reordered, tmp_path / "o", captioner=str(tiny), samples=0, image_root=many, workers=0, progress=False)
+    assert (r.summary.skipped, r.summary.added) == (3, 3)
+    rows = pq.read_table(tmp_path / "o" / "candidates.parquet").to_pylist()
+    assert [(x["image"], x["caption"]) for x in rows] == [(e["image"], e["caption"]) for e in web[::-1]]

@@ -265,7 +265,8 @@ class CapFiltWriter:
         for p in names:
             done.update(key_hash(k) for k in pq.read_table(p, columns=["key"]).column("key").to_pylist())
         self.done_keys = done
-        self.next = int(names[-1].stem.split("-")[1]) + 1 if names else 0
+        self.next = max(int(p.stem.split("-")[1]) for p in names) + 1 if names else 0
+        self.token = os.urandom(4).hex()
 
     def done(self, items: list[Item] | list[str]) -> list[bool]:
         """Whether each item (an image with its web captions; or its key) was done by an earlier run."""
@@ -290,7 +291,7 @@ class CapFiltWriter:
             add(f.item, None, "error", 0, None, f.reason)
         if not rows["key"]:
             return
-        part = self.parts / f"part-{self.next:06d}.parquet"
+        part = self.parts / f"part-{self.next:06d}-{self.token}.parquet"  # the token: jobs sharing DIR never clash
         tmp = part.with_suffix(".parquet.tmp")
         pq.write_table(pa.table(rows, schema=_schema()), tmp)
         os.replace(tmp, part)  # the commit: a part is there whole or not at all
@@ -316,9 +317,15 @@ def write_outputs(out: Path, annotations: Annotations, index_of: dict[str, int],
     import pyarrow.parquet as pq
 
     parts = sorted((out / PARTS).glob("part-*.parquet"))
-    table = pa.concat_tables([pq.read_table(p) for p in parts]) if parts else _schema().empty_table()
+    tables = [pq.read_table(p) for p in parts] or [_schema().empty_table()]
+    table = pa.concat_tables([t.append_column("part", pa.array([n] * t.num_rows, pa.int32()))
+                              for n, t in enumerate(tables)])
     keep_keys = pa.array(list(index_of), pa.string())
     table = table.filter(pc.is_in(table.column("key"), value_set=keep_keys))  # rows of this annotation file only
+    table = _first_per_key(table)
+    # the entry of each key in this annotation file (a part's `index` is where the image was in the job that wrote it)
+    table = table.set_column(table.schema.get_field_index("index"), "index",
+                             pa.array([index_of[k] for k in table.column("key").to_pylist()], pa.int64()))
     errors = table.filter(pc.equal(table.column("source"), "error"))
     table = table.filter(pc.not_equal(table.column("source"), "error"))
     table = table.sort_by([("index", "ascending"), ("sample", "ascending")])
@@ -348,6 +355,18 @@ def write_outputs(out: Path, annotations: Annotations, index_of: dict[str, int],
                                   strict=True)]
         _atomic_write(out / "errors.json", lambda p: p.write_text(json.dumps(failed, indent=1) + "\n"))
     return counts
+
+
+def _first_per_key(table):
+    """Each key's rows from one part only, its first: two jobs sharing a DIR may both have done an image."""
+    import pyarrow as pa
+
+    first: dict[str, int] = {}
+    for key, part in zip(table.column("key").to_pylist(), table.column("part").to_pylist(), strict=True):
+        first.setdefault(key, part)
+    mask = [first[k] == p for k, p in zip(table.column("key").to_pylist(), table.column("part").to_pylist(),
+                                          strict=True)]
+    return table.filter(pa.array(mask, pa.bool_()))
 
 
 def write_annotations(out: Path, annotations: Annotations, images: Sequence[str], captions: Sequence[str]) -> str:
