@@ -1,26 +1,35 @@
 """`blipkit serve` under load, on loopback: requests/s and latency with request batching on and off.
 
-    python benchmarks/bench_serve.py                  # 1, 4, 16, 64 concurrent clients on /api/match
-    python benchmarks/bench_serve.py --clients 16 --seconds 10
+    python benchmarks/bench_serve.py                         # 1, 4, 16, 64 concurrent clients on /api/match
+    python benchmarks/bench_serve.py --clients 16 --seconds 10 --threads 2
+    python benchmarks/bench_serve.py --load-client httpx     # drive with httpx instead of the lean client
 
-Starts `blipkit serve` (the shipped scenes-blip) twice in a subprocess on a free 127.0.0.1 port, once with
-batching (--max-batch 64 --max-wait-ms 5) and once without (--max-batch 1), and drives each with N concurrent
-clients, each sending one image and three texts to /api/match again and again; every level stops after --requests
-requests or --seconds seconds, whichever comes first. Prints p50 / p99 latency, requests/s, errors, and the ratio of
-batched to unbatched requests/s; then how fast bad inputs (a decompression bomb, a non-image, an oversized body) are
-refused.
+Starts two `blipkit serve` (the shipped scenes-blip) subprocesses on free 127.0.0.1 ports, one with batching
+(--max-batch 64 --max-wait-ms 5) and one without (--max-batch 1), and drives them with N concurrent clients, each
+sending one image and three texts to /api/match again and again. The two servers are measured in alternating rounds
+(batched, unbatched, unbatched, batched, ...), so other work on the machine slows both alike; each level stops after
+--requests requests or --seconds seconds per server, whichever comes first. Prints p50 / p99 latency, requests/s,
+errors, requests per model call, and the ratio of batched to unbatched requests/s; then how fast bad inputs (a
+decompression bomb, a non-image, an oversized body) are refused.
+
+The load generator runs on the same cores as the servers. By default it is a lean keep-alive HTTP/1.1 client (one
+connection per client, the request bytes built once) so that it takes little of them; `--load-client httpx` uses
+httpx.AsyncClient, which costs the machine a few milliseconds of CPU per request. Its CPU time per request is printed.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
+import re
 import socket
 import struct
 import subprocess
 import sys
 import time
+import uuid
 import zlib
 from pathlib import Path
 
@@ -29,6 +38,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE = (ROOT / "examples" / "red-circle-blue-square.png").read_bytes()
 TEXTS = ["a red circle left of a blue square", "a green triangle", "a yellow star"]
+MODES = {"batched": (64, 5.0), "unbatched": (1, 0.0)}
 
 
 def free_port() -> int:
@@ -37,11 +47,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(max_batch: int, max_wait_ms: float) -> tuple[subprocess.Popen, str]:
+def start(max_batch: int, max_wait_ms: float, threads: int | None) -> tuple[subprocess.Popen, str]:
     """`blipkit serve` in a subprocess; returns it and its base URL once /api/health answers."""
     port = free_port()
     cmd = [sys.executable, "-m", "blipkit.cli", "serve", "--port", str(port), "--max-batch", str(max_batch),
-           "--max-wait-ms", str(max_wait_ms), "--quiet"]
+           "--max-wait-ms", str(max_wait_ms), "--quiet"] + (["--threads", str(threads)] if threads else [])
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=dict(os.environ))
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
@@ -57,38 +67,116 @@ def start(max_batch: int, max_wait_ms: float) -> tuple[subprocess.Popen, str]:
     raise SystemExit("blipkit serve did not start in 120 s")
 
 
-async def load(url: str, clients: int, requests: int, seconds: float) -> dict:
+def match_request(host: str, port: int) -> bytes:
+    """The bytes of one multipart POST /api/match: the image and the three texts."""
+    boundary = uuid.uuid4().hex
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="scene.png"\r\n'
+             f"Content-Type: image/png\r\n\r\n".encode() + IMAGE + b"\r\n"]
+    parts += [f'--{boundary}\r\nContent-Disposition: form-data; name="texts"\r\n\r\n{t}\r\n'.encode() for t in TEXTS]
+    body = b"".join(parts) + f"--{boundary}--\r\n".encode()
+    head = (f"POST /api/match HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: multipart/form-data; "
+            f"boundary={boundary}\r\nContent-Length: {len(body)}\r\n\r\n")
+    return head.encode() + body
+
+
+class Connection:
+    """One keep-alive HTTP/1.1 connection that sends prepared request bytes and reads back status and body."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def send(self, request: bytes) -> tuple[int, bytes]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        self.writer.write(request)
+        status = int((await self.reader.readline()).split()[1])
+        length, close = 0, False
+        while (line := await self.reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.partition(b":")
+            name = name.strip().lower()
+            if name == b"content-length":
+                length = int(value)
+            elif name == b"connection" and value.strip().lower() == b"close":
+                close = True
+        body = await self.reader.readexactly(length)
+        if close:
+            await self.close()
+        return status, body
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = self.reader = None
+
+
+def ok(status: int, body: bytes) -> bool:
+    return status == 200 and len(json.loads(body)["results"][0]["matches"]) == len(TEXTS)
+
+
+async def load(url: str, clients: int, requests: int, seconds: float, lean: bool) -> dict:
     """`clients` concurrent loops of /api/match until `requests` are done or `seconds` have passed."""
     latencies: list[float] = []
-    errors = 0
-    sent = 0
+    errors = sent = 0
     stop = time.monotonic() + seconds
+    host, port = url.removeprefix("http://").split(":")
+    prepared = match_request(host, int(port))
     files = [("image", ("scene.png", IMAGE, "image/png"))]
 
-    async def client(http: httpx.AsyncClient) -> None:
+    async def client(http: httpx.AsyncClient | None) -> None:
         nonlocal errors, sent
+        conn = Connection(host, int(port))
         while sent < requests and time.monotonic() < stop:
             sent += 1
             t = time.perf_counter()
             try:
-                r = await http.post(url + "/api/match", files=files, data={"texts": TEXTS})
-                ok = r.status_code == 200 and len(r.json()["results"][0]["matches"]) == len(TEXTS)
-            except httpx.HTTPError:
-                ok = False
+                if lean:
+                    good = ok(*await conn.send(prepared))
+                else:
+                    r = await http.post(url + "/api/match", files=files, data={"texts": TEXTS})
+                    good = ok(r.status_code, r.content)
+            except (httpx.HTTPError, OSError, asyncio.IncompleteReadError, ValueError, KeyError, IndexError):
+                good = False
+                await conn.close()
             latencies.append(time.perf_counter() - t)
-            errors += not ok
+            errors += not good
+        await conn.close()
 
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    cpu = time.process_time()
     async with httpx.AsyncClient(limits=limits, timeout=120) as http:
         start = time.perf_counter()
         await asyncio.gather(*(client(http) for _ in range(clients)))
         wall = time.perf_counter() - start
-    latencies.sort()
+    return {"latencies": latencies, "errors": errors, "wall": wall, "cpu": time.process_time() - cpu}
 
-    def pct(p: float) -> float:
-        return latencies[min(len(latencies) - 1, int(p * len(latencies)))]
 
-    return {"n": len(latencies), "errors": errors, "rps": len(latencies) / wall, "p50": pct(0.5), "p99": pct(0.99)}
+def batches(url: str) -> tuple[int, float]:
+    """(model calls, requests in them) of /api/match so far, from /metrics."""
+    text = httpx.get(url + "/metrics", timeout=30).text
+    calls = re.search(r'blipkit_batch_size_count\{kind="match"\} (\d+)', text)
+    total = re.search(r'blipkit_batch_size_sum\{kind="match"\} ([\d.]+)', text)
+    return (int(calls.group(1)), float(total.group(1))) if calls else (0, 0.0)
+
+
+def level(urls: dict[str, str], clients: int, args: argparse.Namespace) -> dict[str, dict]:
+    """Both servers at one client count, in alternating rounds; latencies, errors and time summed per server."""
+    out = {m: {"latencies": [], "errors": 0, "wall": 0.0, "cpu": 0.0} for m in urls}
+    before = {m: batches(u) for m, u in urls.items()}
+    for r in range(args.rounds):
+        for mode in (list(urls) if r % 2 == 0 else list(urls)[::-1]):
+            got = asyncio.run(load(urls[mode], clients, args.requests // args.rounds, args.seconds / args.rounds,
+                                   args.load_client == "lean"))
+            for key in ("latencies", "errors", "wall", "cpu"):
+                out[mode][key] += got[key]
+    for mode, stats in out.items():
+        lat = sorted(stats["latencies"])
+        calls, total = (a - b for a, b in zip(batches(urls[mode]), before[mode], strict=True))
+        stats.update(n=len(lat), rps=len(lat) / stats["wall"], p50=lat[len(lat) // 2],
+                     p99=lat[min(len(lat) - 1, int(0.99 * len(lat)))], per_call=total / max(calls, 1),
+                     client_ms=stats["cpu"] / max(len(lat), 1) * 1000)
+    return out
 
 
 def bomb_png() -> bytes:
@@ -124,34 +212,42 @@ def refusals(url: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 64])
-    parser.add_argument("--requests", type=int, default=400, help="most requests per level (default 400)")
-    parser.add_argument("--seconds", type=float, default=20, help="longest time per level (default 20)")
+    parser.add_argument("--requests", type=int, default=400, help="most requests per level and server (default 400)")
+    parser.add_argument("--seconds", type=float, default=20, help="longest time per level and server (default 20)")
+    parser.add_argument("--rounds", type=int, default=4, help="alternating rounds per level (default 4)")
+    parser.add_argument("--threads", type=int, default=None, help="--threads of both servers (default: torch's)")
+    parser.add_argument("--load-client", choices=["lean", "httpx"], default="lean", help="the load generator")
     args = parser.parse_args()
 
-    results: dict[str, dict[int, dict]] = {}
-    for mode, (batch, wait) in {"batched": (64, 5.0), "unbatched": (1, 0.0)}.items():
-        proc, url = start(batch, wait)
-        try:
-            asyncio.run(load(url, 4, 20, 30))  # warm-up
-            results[mode] = {}
-            for c in args.clients:
-                results[mode][c] = r = asyncio.run(load(url, c, args.requests, args.seconds))
+    procs, urls = [], {}
+    try:
+        for mode, (batch, wait) in MODES.items():
+            proc, urls[mode] = start(batch, wait, args.threads)
+            procs.append(proc)
+            asyncio.run(load(urls[mode], 4, 20, 30, args.load_client == "lean"))  # warm-up
+        results = {}
+        for c in args.clients:
+            results[c] = got = level(urls, c, args)
+            for mode, r in got.items():
                 print(f"{mode:<10} {c:>3} clients: {r['n']:4d} requests  {r['rps']:7.1f} req/s  p50 "
-                      f"{r['p50'] * 1000:7.1f} ms  p99 {r['p99'] * 1000:7.1f} ms  errors {r['errors']}", flush=True)
-            if mode == "batched":
-                print("refusals:")
-                refusals(url)
-        finally:
+                      f"{r['p50'] * 1000:7.1f} ms  p99 {r['p99'] * 1000:7.1f} ms  errors {r['errors']}  "
+                      f"{r['per_call']:4.1f} requests/call  client CPU {r['client_ms']:.1f} ms/request", flush=True)
+        print("refusals:")
+        refusals(urls["batched"])
+    finally:
+        for proc in procs:
             proc.terminate()
             proc.wait(timeout=30)
 
-    print("\n/api/match, one image + 3 texts per request, scenes-blip, loopback")
+    threads = args.threads or "torch's default"
+    print(f"\n/api/match, one image + 3 texts per request, scenes-blip, loopback, threads: {threads}, "
+          f"load client: {args.load_client}")
     print(f"{'clients':>7}  {'batched req/s':>13}  {'p50 / p99 ms':>15}  {'unbatched req/s':>15}  "
-          f"{'p50 / p99 ms':>15}  {'ratio':>6}  errors")
-    for c in args.clients:
-        b, u = results["batched"][c], results["unbatched"][c]
+          f"{'p50 / p99 ms':>15}  {'ratio':>6}  req/call  errors")
+    for c, got in results.items():
+        b, u = got["batched"], got["unbatched"]
         print(f"{c:>7}  {b['rps']:13.1f}  {b['p50'] * 1000:6.0f} / {b['p99'] * 1000:6.0f}  {u['rps']:15.1f}  "
-              f"{u['p50'] * 1000:6.0f} / {u['p99'] * 1000:6.0f}  {b['rps'] / u['rps']:5.2f}x  "
+              f"{u['p50'] * 1000:6.0f} / {u['p99'] * 1000:6.0f}  {b['rps'] / u['rps']:5.2f}x  {b['per_call']:8.1f}  "
               f"{b['errors'] + u['errors']}")
 
 

@@ -345,6 +345,17 @@ def test_api_key():
             assert c.get(path).status_code == 200, path
 
 
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--threads", "0"], "--threads 0: use 1 or more"), (["--max-batch", "0"], "--max-batch 0: use 1"),
+    (["--max-wait-ms", "-1"], "--max-wait-ms -1.0: use 0 or more"), (["--port", "70000"], "--port 70000"),
+    (["--api-key", " "], "--api-key is blank")])
+def test_serve_command_checks_its_options_before_loading(flags, message, capsys):
+    from blipkit import cli
+
+    assert cli.main(["serve", *flags]) == 2
+    assert message in capsys.readouterr().err
+
+
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.binary(max_size=400), prefix=st.sampled_from([b"", b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF89a"]))
 def test_any_bytes_are_an_answer_or_a_4xx(client, data, prefix):

@@ -19,7 +19,7 @@ from PIL import Image  # noqa: E402
 
 import blipkit  # noqa: E402
 from blipkit.errors import InputError  # noqa: E402
-from blipkit.serve import Batcher, create_app  # noqa: E402
+from blipkit.serve import Batcher, create_app, jobs  # noqa: E402
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 IMAGES = sorted(EXAMPLES.glob("*.png"))
@@ -148,6 +148,48 @@ def test_simultaneous_match_requests_are_batched_and_equal_unbatched_calls(model
         assert [m["text"] for m in matches] == texts
         assert [m["itm"] for m in matches] == pytest.approx(itm, abs=1e-5)
         assert [m["itc"] for m in matches] == pytest.approx(itc, abs=1e-5)
+
+
+def test_requests_of_several_images_and_ragged_texts_are_one_model_call(model):
+    """Requests with 1 to 3 images and 1 to 5 texts each: one ViT pass and one ITM pass, each result as alone."""
+    shapes = [(1 + i % 3, TEXTS[i % 4 : i % 4 + 1 + i % 5]) for i in range(8)]
+    requests = [([IMAGES[(i + j) % len(IMAGES)] for j in range(n)], texts) for i, (n, texts) in enumerate(shapes)]
+    with TestClient(create_app(model, max_batch=8, max_wait_ms=3000)) as client:
+        with ThreadPoolExecutor(len(requests)) as pool:
+            futures = [pool.submit(client.post, "/api/match", data={"texts": texts},
+                                   files=[("image", (p.name, p.read_bytes(), "image/png")) for p in paths])
+                       for paths, texts in requests]
+            bodies = [f.result().json() for f in futures]
+        assert batch_sizes(client, "match") == (1, 8)
+    for (paths, texts), body in zip(requests, bodies, strict=True):
+        images = [Image.open(p).convert("RGB") for p in paths]
+        itm, itc = model.match(images, texts), model.similarity(images, texts)
+        assert [r["image"] for r in body["results"]] == list(range(len(paths)))
+        for i, result in enumerate(body["results"]):
+            assert [m["text"] for m in result["matches"]] == texts
+            assert [m["itm"] for m in result["matches"]] == pytest.approx(itm[i].tolist(), abs=1e-5)
+            assert [m["itc"] for m in result["matches"]] == pytest.approx(itc[i].tolist(), abs=1e-5)
+
+
+@settings(max_examples=15, deadline=None)
+@given(shapes=st.lists(st.tuples(st.integers(1, 3), st.lists(st.sampled_from(TEXTS), min_size=1, max_size=5)),
+                       min_size=1, max_size=6),
+       edge=st.booleans())
+def test_a_batch_of_jobs_gives_each_job_what_it_gives_alone(model, shapes, edge):
+    """The match and similarity steps over any batch (images per job, ragged and repeated texts) equal each job
+    run alone; with `edge`, the jobs carry pixels made at the door, as the app makes them."""
+    decoded = [Image.open(p).convert("RGB") for p in IMAGES]
+    batch = [jobs.Job([decoded[(i + j) % len(decoded)] for j in range(n)], texts) for i, (n, texts) in
+             enumerate(shapes)]
+    if edge:
+        for job in batch:
+            job.pixels = model.pixels(job.images)
+    for job, got, sims in zip(batch, jobs.match(model, batch), jobs.similarity(model, batch), strict=True):
+        alone, sims_alone = jobs.match(model, [job])[0], jobs.similarity(model, [job])[0]
+        assert [[m["text"] for m in row] for row in got] == [job.texts] * len(job.images)
+        scores = [[v for row in rows for m in row for v in (m["itm"], m["itc"])] for rows in (got, alone)]
+        assert scores[0] == pytest.approx(scores[1], abs=1e-5)
+        assert sum(sims, []) == pytest.approx(sum(sims_alone, []), abs=1e-5)
 
 
 def test_simultaneous_captions_and_answers_equal_unbatched_calls(model):

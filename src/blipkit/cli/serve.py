@@ -31,6 +31,8 @@ def _check(args: argparse.Namespace) -> None:
         raise InputError(f"--max-body-mb {args.max_body_mb}: use a positive size")
     if args.api_key is not None and not args.api_key.strip():
         raise InputError("--api-key is blank: give a secret, or leave the option out")
+    if args.threads is not None and args.threads < 1:
+        raise InputError(f"--threads {args.threads}: use 1 or more")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -57,6 +59,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         model = index.model  # the table's model unless --model names one
     else:
         model = blipkit.load(args.model or "scenes-blip", device=args.device, dtype=args.dtype, quantize=args.quantize)
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     limits = Limits(max_body_bytes=int(args.max_body_mb * 1024 * 1024))
     app = create_app(model, index=index, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, limits=limits,
                      api_key=args.api_key)
@@ -89,6 +95,8 @@ def add_commands(subparsers: Any, common: argparse.ArgumentParser) -> None:
                    "1: no batching)")
     p.add_argument("--max-wait-ms", type=float, default=5.0,
                    help="longest a request waits for others to join its batch (default 5)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads of the model calls (default: torch's, "
+                   "one per core)")
     p.add_argument("--max-body-mb", type=float, default=20.0, help="largest request body in MB (default 20)")
     p.add_argument("--api-key", default=None, help="require this key ('Authorization: Bearer KEY' or 'X-API-Key')")
     p.add_argument("--quiet", action="store_true", help="log warnings only, not every request")

@@ -47,6 +47,7 @@ from .options import (
 STATIC = Path(__file__).parent / "static"
 OPEN_PATHS = ("/", "/docs", "/openapi.json", "/api/health", "/favicon.ico")
 THUMBNAIL = 160  # pixels, the longer side of a search hit's thumbnail
+PREPROCESSED = ("match", "similarity", "caption", "ask")  # kinds whose jobs carry pixels made at the edge
 
 
 def capabilities(model: BlipBase) -> dict[str, bool]:
@@ -202,10 +203,12 @@ def create_app(
 
         return register
 
-    def run(kind: str, job: jobs.Job, key: Any = (), batch: bool = True):
+    async def run(kind: str, job: jobs.Job, key: Any = (), batch: bool = True):
         if not can.get(kind, True):
             raise ApiError(400, f"{model.name_or_path} cannot {kind}: see GET /api/models for what it serves")
-        return batcher.submit(kind, job, partial(getattr(jobs, kind), model), key, batch)
+        if kind in PREPROCESSED:  # resized and normalised here, in parallel with the model's work on other requests
+            job.pixels = await run_in_threadpool(model.pixels, job.images)
+        return await batcher.submit(kind, job, partial(getattr(jobs, kind), model), key, batch)
 
     many = (1, limits.max_images)
 

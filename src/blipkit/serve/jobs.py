@@ -24,11 +24,22 @@ from ..tasks.common import has_itc, has_itm, itc_scores
 
 @dataclass
 class Job:
-    """One request's work: its images, its texts, and its options (equal across a batch)."""
+    """One request's work: its images, its texts, and its options (equal across a batch).
+
+    `pixels`, when set, are the images preprocessed (`model.pixels`) where the request came in, off the model's thread.
+    """
 
     images: list[Image.Image]
     texts: list[str] = field(default_factory=list)
     options: dict[str, Any] = field(default_factory=dict)
+    pixels: torch.Tensor | None = None
+
+
+def _inputs(jobs: list[Job]) -> Any:
+    """The images of all the jobs, in order, for one model call: their pixels when every job has them."""
+    if all(job.pixels is not None for job in jobs):
+        return torch.cat([job.pixels for job in jobs])
+    return [im for job in jobs for im in job.images]
 
 
 def _split(values: list[Any], jobs: list[Job]) -> list[list[Any]]:
@@ -53,27 +64,26 @@ def match(model: BlipBase, jobs: list[Job]) -> list[list[list[dict[str, Any]]]]:
     if not (itc or itm):
         model.require("itm", "match images and texts")
     with torch.inference_mode():
-        feats = model.image_features([im for job in jobs for im in job.images])  # one ViT pass for the batch
+        feats = model.image_features(_inputs(jobs))  # one ViT pass for the batch
         sims, column = _itc(model, feats, jobs) if itc else (None, {})
-        out, row = [], 0
-        for job in jobs:
-            n = len(job.images)
-            probs = model.match(feats[row : row + n], job.texts).float().cpu() if itm else None
-            per_image = []
-            for i in range(n):
-                per_image.append([{"text": t,
-                                   "itc": float(sims[row + i, column[t]]) if sims is not None else None,
-                                   "itm": float(probs[i, j]) if probs is not None else None}
-                                  for j, t in enumerate(job.texts)])
-            out.append(per_image)
-            row += n
+        # one ITM pass for the batch: each image with its own request's texts
+        probs = model.match_pairs(feats, [job.texts for job in jobs for _ in job.images]) if itm else None
+    out, row = [], 0
+    for job in jobs:
+        per_image = []
+        for i in range(row, row + len(job.images)):
+            itm_i = probs[i].float().tolist() if probs is not None else [None] * len(job.texts)
+            per_image.append([{"text": t, "itc": float(sims[i, column[t]]) if sims is not None else None,
+                               "itm": p} for t, p in zip(job.texts, itm_i, strict=True)])
+        out.append(per_image)
+        row += len(job.images)
     return out
 
 
 def similarity(model: BlipBase, jobs: list[Job]) -> list[list[list[float]]]:
     """Per job, the ITC cosine similarity (images x texts)."""
     with torch.inference_mode():
-        feats = model.image_features([im for job in jobs for im in job.images])
+        feats = model.image_features(_inputs(jobs))
         sims, column = _itc(model, feats, jobs)
     rows, start = [], 0
     for job in jobs:  # each image's row over its own job's texts
@@ -88,7 +98,7 @@ def caption(model: BlipBase, jobs: list[Job]) -> list[list[Any]]:
     seed = options.pop("seed", None)
     if options.get("do_sample") and seed is not None:
         torch.manual_seed(seed)  # sampling jobs run alone on the one model thread: the seed decides the result
-    captions = model.caption([im for job in jobs for im in job.images], **options)
+    captions = model.caption(_inputs(jobs), **options)
     return _split(list(captions), jobs)
 
 
@@ -98,9 +108,8 @@ def ask(model: BlipBase, jobs: list[Job]) -> list[list[str]]:
     if options.get("answers") is not None and "answers" not in inspect.signature(model.answer).parameters:
         raise CapabilityError(f"{model.name_or_path} generates answers and cannot rank given ones: leave out answers")
     options = {k: v for k, v in options.items() if v is not None}
-    images = [im for job in jobs for im in job.images]
     questions = [job.texts[0] for job in jobs for _ in job.images]
-    return _split(model.answer(images, questions, **options), jobs)
+    return _split(model.answer(_inputs(jobs), questions, **options), jobs)
 
 
 def classify(model: BlipBase, jobs: list[Job]) -> list[list[list[tuple[str, float]]]]:
