@@ -210,3 +210,23 @@ def test_unreachable_address_and_misplaced_flags_are_clear_errors(cluster, scene
         code, err = _cli(capsys, "index", str(scenes), "--db", db, *argv)
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (argv, err)
     assert not Path(db).exists()  # refused at the door: no table, no model
+
+
+def test_bulk_captions_are_the_same_from_both_executors(cluster, scenes, tmp_path, capsys):
+    (tmp_path / "imgs").mkdir()
+    for path in sorted(scenes.glob("*.png"))[:8]:
+        os.link(path, tmp_path / "imgs" / path.name)
+    (tmp_path / "imgs" / "bad.png").write_bytes(b"not an image")
+    outputs = {}
+    for executor in ("local", "ray"):
+        out = tmp_path / f"{executor}.jsonl"
+        extra = ["--workers", "0"] if executor == "local" else ["--executor", "ray"]
+        code = main(["caption", str(tmp_path / "imgs"), "--write", "jsonl", "--out", str(out), "--num-captions", "2",
+                     "--beams", "2", "--json", *extra])
+        summary = json.loads(capsys.readouterr().out)
+        assert code == 0 and (summary["added"], summary["failed"]) == (8, 1)
+        outputs[executor] = sorted(json.dumps({k: v for k, v in json.loads(line).items() if k != "time"})
+                                   for line in out.read_text().splitlines())
+    assert len(outputs["ray"]) == 9 and outputs["ray"] == outputs["local"]
+    code, err = _cli(capsys, "caption", str(tmp_path / "imgs"), "--executor", "ray")
+    assert code == 2 and "--executor ray runs bulk captioning" in err

@@ -203,8 +203,13 @@ def _caption_options(args: argparse.Namespace, model) -> dict[str, Any]:
 
 
 def cmd_caption(args: argparse.Namespace) -> int:
+    from .executor import executor_options
+
+    if args.write is None and args.executor != "local":
+        raise InputError("--executor ray runs bulk captioning: add --write sidecar|jsonl|parquet|table")
     if args.write is not None:
         return _caption_bulk(args)
+    executor_options(args)  # Ray flags without --executor ray: refused
     given = [BULK_FLAGS[d] for d in BULK_CAPTION if getattr(args, d) not in (None, False)]
     if given:
         raise InputError(f"{given[0]} applies to bulk captioning: add --write sidecar|jsonl|parquet|table")
@@ -223,6 +228,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
 def _caption_bulk(args: argparse.Namespace) -> int:
     """`caption --write ...`: the resumable job of `blipkit.collections.caption_images`."""
     from ..collections.caption import caption_images, check_job
+    from .executor import executor_options
 
     if args.write == "table" and args.write_out is not None:
         raise InputError("--write table writes into the database --db DIR (its --table): drop --out")
@@ -233,12 +239,14 @@ def _caption_bulk(args: argparse.Namespace) -> int:
     if args.write != "sidecar" and args.ext is not None:
         raise InputError(f"--ext names caption files of --write sidecar; --write {args.write} writes {out}")
     check_job(args.images, args.write, out, ext, args.errors, args.recursive, args.path_column, args.text_column)
+    ray = executor_options(args)  # flags checked, the cluster's address reached, before the model loads
     model = _load(args)  # after the checks: a wrong path fails before the model loads
     summary = caption_images(
         args.images, model, write=args.write, out=out, table=args.table or "captions", ext=ext,
         overwrite=args.overwrite, prefix=args.prefix or "", suffix=args.suffix or "", seed=args.seed,
         recursive=args.recursive, batch_size=args.batch_size, workers=args.workers, progress=True,
         errors=args.errors, path_column=args.path_column, text_column=args.text_column,
+        executor=args.executor, ray=ray,
         **_caption_options(args, model),
     ).to_dict()
     if args.json:
@@ -443,6 +451,9 @@ def _options_caption(p: argparse.ArgumentParser) -> None:
     g.add_argument("--errors", metavar="FILE", help="--write sidecar: append error records to this .jsonl file")
     g.add_argument("--path-column", help="path column of table sources (default: path, image, file_name ...)")
     g.add_argument("--text-column", help="text column of table sources, kept as `text` (default: text, caption)")
+    from .executor import add_executor_arguments
+
+    add_executor_arguments(p)
 
 
 def _options_ask(p: argparse.ArgumentParser) -> None:

@@ -18,7 +18,7 @@ import hashlib
 import inspect
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -29,6 +29,9 @@ from .decode import DEFAULT_MAX_PIXELS, Decoded
 from .engine import Summary, pixels, run_job
 from .readers import read_sources
 from .steps import fingerprint
+
+if TYPE_CHECKING:
+    from .ray_executor import RayOptions
 
 WRITES = ("sidecar", "jsonl", "parquet", "table")
 #: keyword options of `model.caption` a caption job passes on (None: the model's default)
@@ -134,6 +137,8 @@ def caption_images(
     batch_size: int = 8,
     workers: int | None = None,
     progress: bool = False,
+    executor: str = "local",
+    ray: RayOptions | None = None,
     errors: str | Path | None = None,
     path_column: str | None = None,
     text_column: str | None = None,
@@ -152,14 +157,18 @@ def caption_images(
         overwrite: caption every image again and replace its result (default: skip the done ones).
         prefix, suffix: text put around every caption. seed: of sampled captions (with `do_sample=True`).
         errors: sidecar only: a JSON-lines file the failures are appended to (they are counted either way).
+        executor: "local", or "ray": the same job on Ray Data (`ray`: address, actors, GPUs; see `ray_executor`).
         options: `model.caption` options: prompt, num_beams, max_new_tokens, min_new_tokens, do_sample,
             temperature, top_p, num_captions, repetition_penalty, length_penalty.
 
     Returns:
         The job's Summary (added, skipped, failed, and the writer's fields: files written, rows, output).
     """
+    if executor not in ("local", "ray"):
+        raise InputError(f"executor={executor!r}: use local or ray")
     check_job(sources, write, out, ext, errors, recursive, path_column, text_column)
     items = read_sources(sources, recursive, path_column, text_column)
+    spec = model  # a name is loaded by each Ray actor on its own node
     if isinstance(model, str):
         import blipkit
 
@@ -170,6 +179,12 @@ def caption_images(
     writer = make_writer(write, step, out, table, ext, overwrite, errors)
     if write == "sidecar":
         items = writer.items(items)  # tar members and shared caption files refused before any decode
+    if executor == "ray":
+        from .ray_executor import ModelStep, run_job_ray
+
+        recipe = ModelStep(CaptionStep, spec, dict(prefix=prefix, suffix=suffix, seed=seed, **options), dtype)
+        return run_job_ray(items, recipe, writer, step.processor, batch_size, ray, max_pixels, progress,
+                           desc=f"caption -> {write}")
     return run_job(items, step, writer, batch_size, workers, max_pixels, progress, desc=f"caption -> {write}")
 
 
