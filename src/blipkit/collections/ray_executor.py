@@ -1,8 +1,9 @@
 """The Ray driver of a bulk job: the same reader -> step -> writer as `engine.run_job`, on Ray Data.
 
     reader (driver): done keys skipped, pending items -> Arrow blocks in the object store
-      -> map_batches(decode)      Ray tasks, one CPU each: bytes -> the step processor's pixels, or a failure reason
-      -> map_batches(StepActor)   an actor pool, one step (one model) per actor, `gpus_per_actor` GPUs each
+      -> map_batches(decode)      Ray tasks, one CPU each: bytes -> the resized image (uint8), or a failure reason
+      -> map_batches(StepActor)   an actor pool, one step (one model) per actor, `gpus_per_actor` GPUs each:
+                                  the processor's float pixels (`decode.normalise`) -> the step's columns
       -> iter_batches (driver)    -> writer.write: one atomic commit per `commit_rows` rows, as the local driver
 
 The writer stays on the driver: the table gets the same schema, keys and metadata as with `run_job`, done keys are
@@ -33,7 +34,7 @@ import numpy as np
 
 from ..errors import BlipkitError, InputError
 from ..processing import ImageProcessor
-from .decode import DEFAULT_MAX_PIXELS, Decoded, Failure, decode_batch
+from .decode import DEFAULT_MAX_PIXELS, Decoded, Failure, decode_batch, normalise
 from .engine import Step, Summary, Writer, _pending
 from .readers import Item
 
@@ -180,11 +181,12 @@ def _items(batch: dict[str, np.ndarray]) -> list[Item]:
 
 
 def decode_task(batch: dict[str, np.ndarray], processor: ImageProcessor, max_pixels: int) -> dict[str, np.ndarray]:
-    """What a decoding task runs: the batch's items with `pixels` (zeros for failures), width, height, reason."""
-    results = decode_batch(_items(batch), processor, max_pixels)
+    """What a decoding task runs: the batch's items with `pixels` (the resized image, uint8: a quarter of the bytes
+    of float pixels through the object store; zeros for failures), width, height, reason."""
+    results = decode_batch(_items(batch), processor, max_pixels, raw=True)
     h, w = processor.size
     out = {name: batch[name] for name in ITEM_FIELDS}
-    out["pixels"] = np.stack([r.pixels if isinstance(r, Decoded) else np.zeros((3, h, w), np.float32)
+    out["pixels"] = np.stack([r.pixels if isinstance(r, Decoded) else np.zeros((3, h, w), np.uint8)
                               for r in results])
     out["width"] = np.array([r.width if isinstance(r, Decoded) else -1 for r in results], dtype=np.int32)
     out["height"] = np.array([r.height if isinstance(r, Decoded) else -1 for r in results], dtype=np.int32)
@@ -193,7 +195,7 @@ def decode_task(batch: dict[str, np.ndarray], processor: ImageProcessor, max_pix
 
 
 def decode_memory(processor: ImageProcessor, batch_size: int) -> int:
-    """Memory a decoding task reserves: its output pixels, and as much again for the images in flight (bytes).
+    """Memory a decoding task reserves: float-sized pixels of a batch twice (an upper bound), and the worker (bytes).
 
     Reserving memory also keeps Ray Data from fusing decoding into the model actors (it fuses consecutive maps whose
     resources agree): decoding stays in CPU tasks, the actors only run the model.
@@ -216,7 +218,8 @@ class StepActor:
         ok = batch["reason"] == ""
         at = np.flatnonzero(ok)
         items = _items(batch)
-        decoded = [Decoded(items[i], batch["pixels"][i], int(batch["width"][i]), int(batch["height"][i])) for i in at]
+        raw = [Decoded(items[i], batch["pixels"][i], int(batch["width"][i]), int(batch["height"][i])) for i in at]
+        decoded = normalise(raw, self.step.processor)  # uint8 -> the processor's float pixels, exactly
         columns = self.step(decoded) if decoded else {}
         out = {name: value for name, value in batch.items() if name != "pixels"}
         for name, values in columns.items():
