@@ -5,12 +5,13 @@
     python benchmarks/bench_serve.py --load-client httpx     # drive with httpx instead of the lean client
 
 Starts two `blipkit serve` (the shipped scenes-blip) subprocesses on free 127.0.0.1 ports, one with batching
-(--max-batch 64 --max-wait-ms 5) and one without (--max-batch 1), and drives them with N concurrent clients, each
-sending one image and three texts to /api/match again and again. The two servers are measured in alternating rounds
-(batched, unbatched, unbatched, batched, ...), so other work on the machine slows both alike; each level stops after
---requests requests or --seconds seconds per server, whichever comes first. Prints p50 / p99 latency, requests/s,
-errors, requests per model call, and the ratio of batched to unbatched requests/s; then how fast bad inputs (a
-decompression bomb, a non-image, an oversized body) are refused.
+(--max-batch 64 --max-wait-ms 5 unless told otherwise) and one without (--max-batch 1), and drives them with N
+concurrent clients, each sending one image and three texts to /api/match again and again. The two servers are
+measured in alternating rounds (batched, unbatched, unbatched, batched, ...), so other work on the machine slows
+both alike; each level stops after --requests requests or --seconds seconds per server, whichever comes first.
+Prints p50 / p99 latency, requests/s, errors, requests per model call, each server's CPU time per request (Linux),
+and the ratio of batched to unbatched requests/s; then how fast bad inputs (a decompression bomb, a non-image, an
+oversized body) are refused.
 
 The load generator runs on the same cores as the servers. By default it is a lean keep-alive HTTP/1.1 client (one
 connection per client, the request bytes built once) so that it takes little of them; `--load-client httpx` uses
@@ -38,7 +39,6 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE = (ROOT / "examples" / "red-circle-blue-square.png").read_bytes()
 TEXTS = ["a red circle left of a blue square", "a green triangle", "a yellow star"]
-MODES = {"batched": (64, 5.0), "unbatched": (1, 0.0)}
 
 
 def free_port() -> int:
@@ -160,22 +160,34 @@ def batches(url: str) -> tuple[int, float]:
     return (int(calls.group(1)), float(total.group(1))) if calls else (0, 0.0)
 
 
-def level(urls: dict[str, str], clients: int, args: argparse.Namespace) -> dict[str, dict]:
-    """Both servers at one client count, in alternating rounds; latencies, errors and time summed per server."""
-    out = {m: {"latencies": [], "errors": 0, "wall": 0.0, "cpu": 0.0} for m in urls}
-    before = {m: batches(u) for m, u in urls.items()}
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) a process has used so far (Linux; 0 elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def level(servers: dict[str, tuple[subprocess.Popen, str]], clients: int, args: argparse.Namespace) -> dict:
+    """Both servers at one client count, in alternating rounds; latencies, errors and times summed per server."""
+    out = {m: {"latencies": [], "errors": 0, "wall": 0.0, "cpu": 0.0, "server_cpu": 0.0} for m in servers}
+    before = {m: batches(url) for m, (_, url) in servers.items()}
     for r in range(args.rounds):
-        for mode in (list(urls) if r % 2 == 0 else list(urls)[::-1]):
-            got = asyncio.run(load(urls[mode], clients, args.requests // args.rounds, args.seconds / args.rounds,
+        for mode in (list(servers) if r % 2 == 0 else list(servers)[::-1]):
+            proc, url = servers[mode]
+            start = cpu_seconds(proc.pid)
+            got = asyncio.run(load(url, clients, args.requests // args.rounds, args.seconds / args.rounds,
                                    args.load_client == "lean"))
-            for key in ("latencies", "errors", "wall", "cpu"):
+            got["server_cpu"] = cpu_seconds(proc.pid) - start
+            for key in ("latencies", "errors", "wall", "cpu", "server_cpu"):
                 out[mode][key] += got[key]
     for mode, stats in out.items():
-        lat = sorted(stats["latencies"])
-        calls, total = (a - b for a, b in zip(batches(urls[mode]), before[mode], strict=True))
+        lat, n = sorted(stats["latencies"]), max(len(stats["latencies"]), 1)
+        calls, total = (a - b for a, b in zip(batches(servers[mode][1]), before[mode], strict=True))
         stats.update(n=len(lat), rps=len(lat) / stats["wall"], p50=lat[len(lat) // 2],
                      p99=lat[min(len(lat) - 1, int(0.99 * len(lat)))], per_call=total / max(calls, 1),
-                     client_ms=stats["cpu"] / max(len(lat), 1) * 1000)
+                     client_ms=stats["cpu"] / n * 1000, server_ms=stats["server_cpu"] / n * 1000)
     return out
 
 
@@ -216,39 +228,41 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20, help="longest time per level and server (default 20)")
     parser.add_argument("--rounds", type=int, default=4, help="alternating rounds per level (default 4)")
     parser.add_argument("--threads", type=int, default=None, help="--threads of both servers (default: torch's)")
+    parser.add_argument("--max-batch", type=int, default=64, help="--max-batch of the batched server (default 64)")
+    parser.add_argument("--max-wait-ms", type=float, default=5.0, help="its --max-wait-ms (default 5)")
     parser.add_argument("--load-client", choices=["lean", "httpx"], default="lean", help="the load generator")
     args = parser.parse_args()
 
-    procs, urls = [], {}
+    servers: dict[str, tuple[subprocess.Popen, str]] = {}
     try:
-        for mode, (batch, wait) in MODES.items():
-            proc, urls[mode] = start(batch, wait, args.threads)
-            procs.append(proc)
-            asyncio.run(load(urls[mode], 4, 20, 30, args.load_client == "lean"))  # warm-up
+        for mode, (batch, wait) in {"batched": (args.max_batch, args.max_wait_ms), "unbatched": (1, 0.0)}.items():
+            servers[mode] = start(batch, wait, args.threads)
+            asyncio.run(load(servers[mode][1], 4, 20, 30, args.load_client == "lean"))  # warm-up
         results = {}
         for c in args.clients:
-            results[c] = got = level(urls, c, args)
+            results[c] = got = level(servers, c, args)
             for mode, r in got.items():
                 print(f"{mode:<10} {c:>3} clients: {r['n']:4d} requests  {r['rps']:7.1f} req/s  p50 "
                       f"{r['p50'] * 1000:7.1f} ms  p99 {r['p99'] * 1000:7.1f} ms  errors {r['errors']}  "
-                      f"{r['per_call']:4.1f} requests/call  client CPU {r['client_ms']:.1f} ms/request", flush=True)
+                      f"{r['per_call']:4.1f} requests/call  CPU per request: server {r['server_ms']:.1f} ms, "
+                      f"client {r['client_ms']:.1f} ms", flush=True)
         print("refusals:")
-        refusals(urls["batched"])
+        refusals(servers["batched"][1])
     finally:
-        for proc in procs:
+        for proc, _ in servers.values():
             proc.terminate()
             proc.wait(timeout=30)
 
     threads = args.threads or "torch's default"
     print(f"\n/api/match, one image + 3 texts per request, scenes-blip, loopback, threads: {threads}, "
-          f"load client: {args.load_client}")
+          f"batched: --max-batch {args.max_batch} --max-wait-ms {args.max_wait_ms:g}, load client: {args.load_client}")
     print(f"{'clients':>7}  {'batched req/s':>13}  {'p50 / p99 ms':>15}  {'unbatched req/s':>15}  "
-          f"{'p50 / p99 ms':>15}  {'ratio':>6}  req/call  errors")
+          f"{'p50 / p99 ms':>15}  {'ratio':>6}  req/call  server CPU ms/req (b / u)  errors")
     for c, got in results.items():
         b, u = got["batched"], got["unbatched"]
         print(f"{c:>7}  {b['rps']:13.1f}  {b['p50'] * 1000:6.0f} / {b['p99'] * 1000:6.0f}  {u['rps']:15.1f}  "
               f"{u['p50'] * 1000:6.0f} / {u['p99'] * 1000:6.0f}  {b['rps'] / u['rps']:5.2f}x  {b['per_call']:8.1f}  "
-              f"{b['errors'] + u['errors']}")
+              f"{b['server_ms']:12.1f} / {u['server_ms']:.1f}  {b['errors'] + u['errors']:>10}")
 
 
 if __name__ == "__main__":
