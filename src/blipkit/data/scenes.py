@@ -423,31 +423,40 @@ def _captions(objs: list[Obj], bg: str, image_size: int, rng: random.Random, n: 
 
 
 def _questions(objs: list[Obj], image_size: int, rng: random.Random) -> list[tuple[str, str]]:
-    """Question-answer pairs whose answers are unambiguous in the scene."""
-    qa: list[tuple[str, str]] = []
-    for o in objs:
-        same_shape = [p for p in objs if p.shape == o.shape]
-        if len(same_shape) == 1 or sum(p.size == o.size for p in same_shape) == 1:
-            noun = f"{o.size} {o.shape}" if len(same_shape) > 1 or rng.random() < 0.3 else o.shape
-            form = rng.choice(("what color is the {}?", "what is the color of the {}?", "which color is the {}?"))
-            qa.append((form.format(noun), o.colour))
-        same_colour = [p for p in objs if p.colour == o.colour]
-        if len(same_colour) == 1 or sum(p.size == o.size for p in same_colour) == 1:
-            noun = f"{o.size} {o.colour}" if len(same_colour) > 1 or rng.random() < 0.3 else o.colour
-            form = rng.choice(("what shape is the {} object?", "what is the shape of the {} object?",
-                               "what is the {} shape?"))
-            qa.append((form.format(noun), o.shape))
-        ref = _ref(o, objs, rng)
-        if ref is not None:
-            place = _position(o, image_size)
-            if place is not None:
-                qa.append((rng.choice(("where is the {}?", "where is the {} located?")).format(ref), place))
-            if rng.random() < 0.3 and sum((p.colour, p.shape) == (o.colour, o.shape) for p in objs) == 1:
-                qa.append((f"what size is the {o.colour} {o.shape}?", o.size))  # the reference must not say the size
+    """Question-answer pairs whose answers are unambiguous in the scene: about each object, one count, yes/no pairs."""
+    qa = [pair for o in objs for pair in _object_questions(o, objs, image_size, rng)]
+    qa += _count_questions(objs, rng)
+    return qa + _yes_no_questions(objs, rng, asked={q for q, _ in qa})
 
-    n = len(objs)
-    qa.append((rng.choice(("how many shapes are there?", "how many objects are there?",
-                           "how many objects are in the image?")), NUMBER_WORDS[n]))
+
+def _object_questions(o: Obj, objs: list[Obj], image_size: int, rng: random.Random) -> list[tuple[str, str]]:
+    """Colour, shape, position and size questions about `o`, each only when the scene makes its answer unique."""
+    qa: list[tuple[str, str]] = []
+    same_shape = [p for p in objs if p.shape == o.shape]
+    if len(same_shape) == 1 or sum(p.size == o.size for p in same_shape) == 1:
+        noun = f"{o.size} {o.shape}" if len(same_shape) > 1 or rng.random() < 0.3 else o.shape
+        form = rng.choice(("what color is the {}?", "what is the color of the {}?", "which color is the {}?"))
+        qa.append((form.format(noun), o.colour))
+    same_colour = [p for p in objs if p.colour == o.colour]
+    if len(same_colour) == 1 or sum(p.size == o.size for p in same_colour) == 1:
+        noun = f"{o.size} {o.colour}" if len(same_colour) > 1 or rng.random() < 0.3 else o.colour
+        form = rng.choice(("what shape is the {} object?", "what is the shape of the {} object?",
+                           "what is the {} shape?"))
+        qa.append((form.format(noun), o.shape))
+    ref = _ref(o, objs, rng)
+    if ref is not None:
+        place = _position(o, image_size)
+        if place is not None:
+            qa.append((rng.choice(("where is the {}?", "where is the {} located?")).format(ref), place))
+        if rng.random() < 0.3 and sum((p.colour, p.shape) == (o.colour, o.shape) for p in objs) == 1:
+            qa.append((f"what size is the {o.colour} {o.shape}?", o.size))  # the reference must not say the size
+    return qa
+
+
+def _count_questions(objs: list[Obj], rng: random.Random) -> list[tuple[str, str]]:
+    """How many objects there are, and how many of one shape, colour or colour-and-shape (sometimes an absent one)."""
+    qa = [(rng.choice(("how many shapes are there?", "how many objects are there?",
+                       "how many objects are in the image?")), NUMBER_WORDS[len(objs)])]
     present_shapes = [o.shape for o in objs]
     present_colours = [o.colour for o in objs]
     kind = rng.choice(("shape", "colour", "colour shape"))
@@ -461,10 +470,15 @@ def _questions(objs: list[Obj], image_size: int, rng: random.Random) -> list[tup
         o = rng.choice(objs)
         k = sum((p.colour, p.shape) == (o.colour, o.shape) for p in objs)
         qa.append((f"how many {o.colour} {o.shape}s are there?", NUMBER_WORDS[k]))
+    return qa
 
-    # yes/no in pairs (one yes, one no of the same form) so the answers stay balanced
+
+def _yes_no_questions(objs: list[Obj], rng: random.Random, asked: set[str]) -> list[tuple[str, str]]:
+    """One or two yes/no pairs (one yes, one no of the same form, so the answers stay balanced) not yet `asked`."""
     present = {(o.colour, o.shape) for o in objs}
-    asked = {q for q, _ in qa}
+    present_shapes = [o.shape for o in objs]
+    present_colours = [o.colour for o in objs]
+    qa: list[tuple[str, str]] = []
     for _ in range(rng.choice((1, 2))):
         form = rng.choice(("colour shape", "shape", "colour"))
         if form == "colour shape":
