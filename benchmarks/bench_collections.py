@@ -1,12 +1,16 @@
 """Collections: ingestion overhead of `Index.add` over the model's own forward, ANN search latency and recall,
-multivector search, and the cost of a rerun over a fully indexed folder.
+multivector search, the cost of a rerun over a fully indexed folder, and the model on paper.
 
-    python benchmarks/bench_collections.py ingest --images 48
+    python benchmarks/bench_collections.py ingest --images 256 --models scenes-blip
+    python benchmarks/bench_collections.py ingest --images 24 --models blip-itm-base-coco
     python benchmarks/bench_collections.py search --rows 1000000 --queries 200
     python benchmarks/bench_collections.py multivector --rows 100000
     python benchmarks/bench_collections.py resume --images 10000
+    python benchmarks/bench_collections.py paper
 
-Each prints what it measured and the ratio against its target; nothing is asserted.
+Each prints what it measured and the ratio against its target; nothing is asserted. Times are wall-clock and CPU
+(process time: on a shared machine the CPU time of a query or an image is what it costs, the wall time also holds the
+waits for the other processes); ingestion runs interleaved rounds and prints medians.
 """
 
 from __future__ import annotations
@@ -38,33 +42,59 @@ def _forward(model, pixels: torch.Tensor, bs: int) -> None:
         model.encode_images(model.image_features(pixels[s : s + bs]))
 
 
+def _cpu_children() -> float:
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
 @torch.no_grad()
 def ingest(args: argparse.Namespace) -> None:
-    """images/s of Index.add vs encode_images on the same pixels (decoded beforehand, not timed)."""
+    """images/s of Index.add vs encode_images on the same pixels (decoded beforehand, not timed), in rounds.
+
+    Each round times the forward pass, a job over all the images and one over half of them (fresh tables): the
+    difference is the marginal cost of an image, without the fixed cost of a job (opening the table, compaction).
+    Overheads printed: wall-clock; main-process CPU (what the model's process does besides the model: the overhead
+    when decoding has cores of its own, as on any machine with more cores than model threads, or with a GPU); and
+    all CPU, workers included (the overhead when decoding shares the model's cores).
+    """
     import blipkit
     from blipkit.collections import Index
 
+    torch.set_num_threads(args.threads)
     tmp = Path(tempfile.mkdtemp())
     paths = _scenes(tmp / "imgs", args.images)
     for name in args.models:
-        model = blipkit.load(name) if name == "scenes-blip" else blipkit.create(name)
+        model = blipkit.load(name) if name in blipkit.shipped_models() else blipkit.create(name)
         model.eval()
         pixels = model.processor(paths)
-        bs = args.batch_size
-
-        _forward(model, pixels, bs)  # warm-up
-        t = time.perf_counter()
-        _forward(model, pixels, bs)
-        t_model = time.perf_counter() - t
-        best = float("inf")
-        for r in range(2):
-            db = tmp / f"db-{name}-{r}"
-            t = time.perf_counter()
-            Index(db, model).add(tmp / "imgs", batch_size=bs, workers=args.workers)
-            best = min(best, time.perf_counter() - t)
-        n = len(paths)
-        print(f"ingest {name:<20} model forward {n / t_model:7.1f} img/s   index {n / best:7.1f} img/s   "
-              f"overhead {100 * (best / t_model - 1):+6.1f} %  (target < 10 %)")
+        bs, n = args.batch_size, len(paths)
+        _forward(model, pixels[:bs], bs)  # warm-up, and the first Index.add imports Lance
+        Index(tmp / f"warm-{name}", model).add(paths[:bs], batch_size=bs, workers=args.workers)
+        rounds = []
+        for r in range(args.rounds):
+            t, c = time.perf_counter(), time.process_time()
+            _forward(model, pixels, bs)
+            row = [time.perf_counter() - t, time.process_time() - c]
+            for part, sources in (("all", tmp / "imgs"), ("half", paths[: n // 2])):
+                t, c, k = time.perf_counter(), time.process_time(), _cpu_children()
+                Index(tmp / f"db-{name}-{r}-{part}", model).add(sources, batch_size=bs, workers=args.workers)
+                row += [time.perf_counter() - t, time.process_time() - c, _cpu_children() - k]
+            rounds.append(row)
+        fw, fc, iw, ic, kc, hw, hc, hk = np.median(np.array(rounds), axis=0)
+        half = n - n // 2  # the images the whole job has more than the half job: the marginal cost
+        mw, mc, mk = (iw - hw) / half, (ic - hc) / half, (kc - hk) / half
+        print(f"ingest {name:<20} {n} images, batch {bs}, {args.threads} model thread(s), {args.workers} decoding "
+              f"process(es), median of {args.rounds} interleaved rounds")
+        print(f"  wall   model forward {n / fw:8.1f} img/s   index {n / iw:8.1f} img/s (whole job, "
+              f"{100 * (iw / fw - 1):+.1f} %), {1 / mw:8.1f} img/s marginal ({100 * (mw * n / fw - 1):+.1f} %)")
+        print(f"  CPU ms/img: model {1000 * fc / n:.2f}; index main process {1000 * ic / n:.2f} whole job, "
+              f"{1000 * mc:.2f} marginal; decoding workers {1000 * kc / n:.2f}; fixed cost of a job "
+              f"{ic - mc * n:.2f} s CPU")
+        print(f"  overhead (marginal, CPU): main process {100 * (mc * n / fc - 1):+6.1f} %  (decoding on cores of "
+              f"its own; target < 10 %)   all CPU {100 * ((mc + mk) * n / fc - 1):+6.1f} %  (decoding on the "
+              "model's cores)")
     shutil.rmtree(tmp)
 
 
@@ -92,55 +122,80 @@ def _table(uri: str, column: str, values, dim: int, multivector: int = 0):
     return lance.write_dataset(table, uri, mode="overwrite", max_rows_per_file=1 << 22)
 
 
-def _latencies(ds, column: str, queries: np.ndarray, k: int, **nearest) -> tuple[np.ndarray, list[np.ndarray]]:
-    times, ids = [], []
+def _latencies(ds, column: str, queries: np.ndarray, k: int, **nearest) -> tuple[np.ndarray, np.ndarray, list]:
+    """Wall and CPU milliseconds per query, and the ids found."""
+    wall, cpu, ids = [], [], []
     for q in queries:
-        t = time.perf_counter()
-        r = ds.to_table(columns=["id"], nearest={"column": column, "q": q, "k": k, "metric": "cosine", **nearest})
-        times.append(time.perf_counter() - t)
+        t, c = time.perf_counter(), time.process_time()
+        r = ds.to_table(columns=["id", "_distance"],
+                        nearest={"column": column, "q": q, "k": k, "metric": "cosine", **nearest})
+        wall.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
         ids.append(r.column("id").to_numpy())
-    return np.array(times) * 1000, ids
+    return np.array(wall) * 1000, np.array(cpu) * 1000, ids
+
+
+def _report(label: str, wall: np.ndarray, cpu: np.ndarray, recall: float | None = None, target: str = "") -> None:
+    rec = f"  recall@10 {recall:.3f}" if recall is not None else ""
+    print(f"{label:<44} p50 {np.percentile(wall, 50):8.2f} ms  p99 {np.percentile(wall, 99):8.2f} ms  (CPU p50 "
+          f"{np.percentile(cpu, 50):7.2f} ms, p99 {np.percentile(cpu, 99):7.2f} ms){rec}{target}")
+
+
+def _recall(found: list, exact: list) -> float:
+    return float(np.mean([len(set(a) & set(b)) / len(b) for a, b in zip(found, exact, strict=False)]))
 
 
 def search(args: argparse.Namespace) -> None:
-    """p50/p99 and recall@10 of IVF-PQ against exact search on `rows` normalised 256-d vectors."""
+    """p50/p99 and recall@10 of the index blipkit builds (store.ensure_index) against exact search, on `rows`
+    normalised 256-d vectors, at the default query settings (store / search) and a few others."""
+    from blipkit.collections.search import DEFAULT_REFINE
+    from blipkit.collections.store import ensure_index, vector_indices
+
     rng = np.random.default_rng(0)
     tmp = Path(tempfile.mkdtemp())
     vectors = _clustered(args.rows, 256, rng)
     queries = vectors[rng.integers(0, args.rows, args.queries)] + 0.02 * rng.normal(size=(args.queries, 256))
     queries = (queries / np.linalg.norm(queries, axis=1, keepdims=True)).astype(np.float32)
+    exact = [np.argsort(-(vectors @ q))[:10] for q in queries]  # numpy: the truth
     ds = _table(str(tmp / "v.lance"), "embedding", vectors, 256)
-    t_exact, exact = _latencies(ds, "embedding", queries[: args.exact_queries], 10, use_index=False)
-    p50, p99 = np.percentile(t_exact, [50, 99])
-    print(f"exact  {args.rows:>9} rows  p50 {p50:8.2f} ms  p99 {p99:8.2f} ms")
+    wall, cpu, ids = _latencies(ds, "embedding", queries[: args.exact_queries], 10, use_index=False)
+    _report(f"exact (Lance, no index) {args.rows} rows", wall, cpu, _recall(ids, exact))
     t = time.perf_counter()
-    partitions = int(np.sqrt(args.rows))
-    ds.create_index("embedding", "IVF_PQ", metric="cosine", num_partitions=partitions, num_sub_vectors=32)
-    print(f"IVF_PQ build ({partitions} partitions, 32 sub-vectors): {time.perf_counter() - t:.1f} s")
-    for nprobes, refine in ((20, 10), (40, 20), (64, 40)):
-        lat, ids = _latencies(ds, "embedding", queries, 10, nprobes=nprobes, refine_factor=refine)
-        recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, exact, strict=False)])
-        print(f"ivf_pq nprobes {nprobes:3d} refine {refine:3d}  p50 {np.percentile(lat, 50):7.2f} ms  "
-              f"p99 {np.percentile(lat, 99):7.2f} ms  recall@10 {recall:.3f}  (targets: p50 <= 10 ms, >= 0.95)")
+    kind = ensure_index(ds, {"dim": 256, "queries": 0}, args.ann)
+    ds = type(ds)(ds.uri)
+    print(f"{kind} build, as `blipkit index` builds it ({vector_indices(ds, 'embedding')}): "
+          f"{time.perf_counter() - t:.0f} s")
+    for nprobes, refine in ((None, DEFAULT_REFINE), (None, 20), (40, DEFAULT_REFINE), (None, None)):
+        knobs = {k: v for k, v in (("nprobes", nprobes), ("refine_factor", refine)) if v is not None}
+        wall, cpu, ids = _latencies(ds, "embedding", queries, 10, **knobs)
+        label = f"{args.ann} {knobs or 'Lance defaults, no refine'}" + (" (blipkit's default)" if knobs == {
+            "refine_factor": DEFAULT_REFINE} else "")
+        _report(label, wall, cpu, _recall(ids, exact), "  (targets: p50 <= 10 ms, recall >= 0.95)")
     shutil.rmtree(tmp)
 
 
 def multivector(args: argparse.Namespace) -> None:
-    """MaxSim search over `rows` x 32 query vectors (BLIP-2), exact, with one text vector as the query."""
+    """MaxSim search over `rows` x 32 query vectors (BLIP-2) with one text vector as the query: Lance's exact
+    multivector search against numpy's MaxSim."""
     rng = np.random.default_rng(1)
     tmp = Path(tempfile.mkdtemp())
     vectors = _clustered(args.rows * 32, args.dim, rng).reshape(args.rows, 32, args.dim)
     ds = _table(str(tmp / "mv.lance"), "queries", vectors, args.dim, multivector=32)
-    queries = vectors[rng.integers(0, args.rows, args.queries), rng.integers(0, 32)]
-    lat, ids = _latencies(ds, "queries", queries, 10)
-    best = np.einsum("nqd,d->nq", vectors, queries[0]).max(1).argsort()[::-1][:10]
-    print(f"multivector {args.rows} x 32 x {args.dim} exact MaxSim  p50 {np.percentile(lat, 50):8.2f} ms  "
-          f"p99 {np.percentile(lat, 99):8.2f} ms  top-10 equals numpy: {sorted(ids[0]) == sorted(best)}")
+    queries = vectors[rng.integers(0, args.rows, args.queries), rng.integers(0, 32, args.queries)]
+    queries = queries + 0.02 * rng.normal(size=queries.shape).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    exact = [np.argsort(-np.einsum("nqd,d->nq", vectors, q).max(1))[:10] for q in queries]
+    wall, cpu, ids = _latencies(ds, "queries", queries, 10)
+    _report(f"multivector {args.rows} x 32 x {args.dim}, exact MaxSim", wall, cpu, _recall(ids, exact))
     shutil.rmtree(tmp)
 
 
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
 def resume(args: argparse.Namespace) -> None:
-    """First run vs rerun over a folder of small generated images."""
+    """First run vs rerun over a folder of small generated images; the table's bytes per row."""
     import blipkit
     from blipkit.collections import Index
 
@@ -151,13 +206,46 @@ def resume(args: argparse.Namespace) -> None:
     model = blipkit.load("scenes-blip")
     runs = []
     for _ in range(2):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         summary = Index(tmp / "db", model).add(tmp / "imgs", batch_size=64, workers=args.workers)
-        runs.append(time.perf_counter() - t)
-        print(f"  added {summary.added}, skipped {summary.skipped} in {runs[-1]:.2f} s")
-    print(f"resume over {args.images} indexed images: {runs[1]:.2f} s = {100 * runs[1] / runs[0]:.2f} % of the "
-          f"first run ({runs[0]:.1f} s)  (target <= 5 %)")
+        runs.append((time.perf_counter() - t, time.process_time() - c))
+        print(f"  added {summary.added}, skipped {summary.skipped} in {runs[-1][0]:.2f} s ({runs[-1][1]:.2f} s CPU)")
+    print(f"rerun over {args.images} indexed images: {runs[1][0]:.2f} s = {100 * runs[1][0] / runs[0][0]:.2f} % of "
+          f"the first run's {runs[0][0]:.1f} s; CPU {100 * runs[1][1] / runs[0][1]:.2f} %  (target <= 5 %)")
+    table = tmp / "db" / "images.lance"
+    print(f"table on disk: {_dir_bytes(table) / args.images:.0f} bytes a row (scenes-blip: 128-d embedding, key, path)")
     shutil.rmtree(tmp)
+
+
+def paper(args: argparse.Namespace) -> None:
+    """The model on paper: bytes a row per stored column (from the configs), and what an image costs to embed
+    (ViT FLOPs; per-core rates from `--model-ms` / `--decode-ms` measured with `ingest`)."""
+    from blipkit.blip2_config import PRESETS as PRESETS2
+    from blipkit.config import PRESETS
+
+    rows = []
+    for name, (_, cfg) in (("blip-itm-base-coco", PRESETS["blip-itm-base-coco"]),
+                           ("blip-itm-large-coco", PRESETS["blip-itm-large-coco"]),
+                           ("blip2-itm-vit-g", PRESETS2["blip2-itm-vit-g"])):
+        v = cfg.vision_config
+        tokens = 1 + (v.image_size // v.patch_size) ** 2
+        d = cfg.image_text_hidden_size
+        q = getattr(cfg, "num_query_tokens", 0)
+        params = v.num_hidden_layers * (4 * v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size)
+        flops = 2 * params * tokens + v.num_hidden_layers * 4 * tokens**2 * v.hidden_size
+        cols = {"embedding": 4 * d, "queries": 4 * q * d, "features (fp16)": 2 * tokens * v.hidden_size}
+        rows.append((name, flops, cols))
+    print("GB per million images (1e9 bytes), data only (Lance adds a few %; key + path ~ 100-200 B a row):")
+    for name, _, cols in rows:
+        shown = ", ".join(f"{c} {b / 1e3:.1f} KB = {b / 1e3:.1f} GB/M" for c, b in cols.items() if b)
+        print(f"  {name:<22} {shown}")
+    print(f"images/s on paper (ViT forward FLOPs; a GPU at {args.gpu_tflops:g} TFLOP/s x {args.mfu:g} utilisation; "
+          f"decoding {args.decode_ms:g} ms CPU an image):")
+    for name, flops, _ in rows:
+        gpu = args.gpu_tflops * 1e12 * args.mfu / flops
+        print(f"  {name:<22} {flops / 1e9:6.0f} GFLOP/img   GPU {gpu:7.0f} img/s, needs "
+              f"{gpu * args.decode_ms / 1000:4.1f} decoding cores   CPU core at {args.cpu_gflops:g} GFLOP/s: "
+              f"{args.cpu_gflops * 1e9 / flops:5.2f} img/s")
 
 
 def main() -> None:
@@ -165,15 +253,18 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="what", required=True)
     s = sub.add_parser("ingest")
-    s.add_argument("--images", type=int, default=48)
+    s.add_argument("--images", type=int, default=256)
     s.add_argument("--batch-size", type=int, default=16)
     s.add_argument("--models", nargs="+", default=["scenes-blip", "blip-itm-base-coco"],
                    help="shipped models load their weights; presets are built with random weights")
-    s.add_argument("--workers", type=int, default=None)
+    s.add_argument("--workers", type=int, default=1, help="decoding processes")
+    s.add_argument("--threads", type=int, default=1, help="torch threads of the model (both sides)")
+    s.add_argument("--rounds", type=int, default=3)
     s = sub.add_parser("search")
     s.add_argument("--rows", type=int, default=1_000_000)
     s.add_argument("--queries", type=int, default=200)
-    s.add_argument("--exact-queries", type=int, default=50)
+    s.add_argument("--exact-queries", type=int, default=20)
+    s.add_argument("--ann", default="ivf_pq", choices=["ivf_pq", "hnsw"])
     s = sub.add_parser("multivector")
     s.add_argument("--rows", type=int, default=100_000)
     s.add_argument("--dim", type=int, default=256)
@@ -181,8 +272,13 @@ def main() -> None:
     s = sub.add_parser("resume")
     s.add_argument("--images", type=int, default=10_000)
     s.add_argument("--workers", type=int, default=None)
+    s = sub.add_parser("paper")
+    s.add_argument("--gpu-tflops", type=float, default=312, help="peak dense bf16 (A100: 312)")
+    s.add_argument("--mfu", type=float, default=0.4, help="fraction of the peak a ViT forward reaches")
+    s.add_argument("--cpu-gflops", type=float, default=50, help="what one core sustains in float32 matmuls")
+    s.add_argument("--decode-ms", type=float, default=10, help="CPU ms to decode and resize one photo")
     args = p.parse_args()
-    {"ingest": ingest, "search": search, "multivector": multivector, "resume": resume}[args.what](args)
+    {"ingest": ingest, "search": search, "multivector": multivector, "resume": resume, "paper": paper}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -75,7 +75,7 @@ def _versions(db: Path) -> int:
 def test_kill9_at_random_moments_then_resume(scenes, reference, tmp_path):
     db = tmp_path / "db"
     cmd = [sys.executable, "-m", "blipkit.cli", "index", str(scenes[0]), "--db", str(db), "--batch-size", "3",
-           "--workers", "1", "--json"]
+           "--workers", "1", "--commit-seconds", "0", "--json"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     rng = random.Random(12)
     killed = 0
@@ -128,6 +128,37 @@ def test_bad_files_become_error_records(bad_folder, model, tmp_path):
     assert len(index) == 3
     again = index.add(bad_folder, batch_size=2)  # failures are recorded once, not retried
     assert (again.added, again.skipped, again.failed) == (0, 7, 0)
+
+
+class _Recorder:
+    """A writer that keeps what it is given, and how many commits it took."""
+
+    def __init__(self) -> None:
+        self.commits, self.rows = 0, []
+
+    def done(self, keys: list[str]) -> list[bool]:
+        return [False] * len(keys)
+
+    def write(self, batch, columns, failures) -> None:
+        self.commits += 1
+        self.rows += [(d.item.path, d.width, *[np.asarray(v[i]).tolist() for v in columns.values()])
+                      for i, d in enumerate(batch)] + [(f.item.path, f.reason) for f in failures]
+
+    def finish(self) -> dict:
+        return {}
+
+
+def test_commits_group_batches_by_time(scenes, bad_folder, model):
+    from blipkit.collections import read_sources, run_job
+    from blipkit.collections.steps import EmbedStep
+
+    items = read_sources([scenes[0] / "00*.png", bad_folder])
+    every, grouped = _Recorder(), _Recorder()
+    run_job(items, EmbedStep(model, caption=True), every, batch_size=3, workers=1, progress=False, commit_seconds=0)
+    run_job(items, EmbedStep(model, caption=True), grouped, batch_size=3, workers=1, progress=False,
+            commit_seconds=3600)
+    assert (every.commits, grouped.commits) == (6, 1)  # 17 items in batches of 3; one commit at the end
+    assert sorted(grouped.rows, key=str) == sorted(every.rows, key=str) and len(every.rows) == 17
 
 
 def test_rerun_adds_nothing_and_calls_no_model(scenes, model, tmp_path):

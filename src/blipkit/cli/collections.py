@@ -38,10 +38,13 @@ def cmd_index(args: argparse.Namespace) -> int:
     if args.workers is not None and args.workers < 0:
         raise InputError(f"--workers {args.workers}: use 0 (decode in this process) or more")
     ray = executor_options(args)
+    if ray is not None and args.commit_seconds is not None:
+        raise InputError("--commit-seconds is for --executor local; with ray, commits go by --commit-rows")
     connect(args.db, write=True)  # a read-only database fails before the model loads
     summary = _index(args).add(args.sources, recursive=args.recursive, batch_size=args.batch_size,
                                workers=args.workers, progress=True, path_column=args.path_column,
-                               text_column=args.text_column, executor=args.executor, ray=ray).to_dict()
+                               text_column=args.text_column, executor=args.executor, ray=ray,
+                               commit_seconds=commit_seconds(args)).to_dict()
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
@@ -74,6 +77,23 @@ def cmd_search(args: argparse.Namespace) -> int:
     if not hits:
         print("no hits", file=sys.stderr)
     return 0
+
+
+def add_commit_seconds(p, default: float | None = None) -> None:
+    """--commit-seconds (local executor): how far apart results are committed (None: the engine's default)."""
+    from ..collections.engine import COMMIT_SECONDS
+    from .common import number
+
+    p.add_argument("--commit-seconds", type=number(0, 86400), default=default,
+                   help=f"commit results at least this far apart (default {COMMIT_SECONDS:g}; 0: every batch); a kill "
+                        "loses at most that much work")
+
+
+def commit_seconds(args: argparse.Namespace) -> float:
+    """The --commit-seconds given, else the engine's default."""
+    from ..collections.engine import COMMIT_SECONDS
+
+    return COMMIT_SECONDS if args.commit_seconds is None else args.commit_seconds
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -113,6 +133,7 @@ def add_commands(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=None, help="decoding processes (default: cores - 1, at most 4)")
     p.add_argument("--path-column", help="path column of table sources (default: path, image, file_name ...)")
     p.add_argument("--text-column", help="text column of table sources, stored as `text` (default: text, caption)")
+    add_commit_seconds(p)
     add_executor_arguments(p)
     p.set_defaults(func=cmd_index)
 
@@ -133,5 +154,6 @@ def add_commands(sub, common: argparse.ArgumentParser) -> None:
                    help="re-rank the best N with ITM (default 32 for text; 0: ITC only); at least k are re-ranked")
     p.add_argument("--where", metavar="SQL", help="SQL filter on the table's columns, e.g. \"path LIKE '%%/cats/%%'\"")
     p.add_argument("--nprobes", type=int, help="ANN partitions to probe (more: better recall, slower)")
-    p.add_argument("--refine-factor", type=int, help="ANN candidates re-scored exactly, as a multiple of k")
+    p.add_argument("--refine-factor", type=int,
+                   help="ANN candidates re-scored exactly with the stored vectors, as a multiple of k (default 10)")
     p.set_defaults(func=cmd_search)

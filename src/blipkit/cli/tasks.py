@@ -184,10 +184,10 @@ def cmd_classify(args: argparse.Namespace) -> int:
 
 
 BULK_CAPTION = ("write_out", "db", "ext", "overwrite", "prefix", "suffix", "recursive", "workers", "errors",
-                "path_column", "text_column")  # options of `caption --write` only
+                "path_column", "text_column", "commit_seconds")  # options of `caption --write` only
 BULK_FLAGS = {"write_out": "--out", "db": "--db", "ext": "--ext", "overwrite": "--overwrite", "prefix": "--prefix",
               "suffix": "--suffix", "recursive": "--recursive", "workers": "--workers", "errors": "--errors",
-              "path_column": "--path-column", "text_column": "--text-column"}
+              "path_column": "--path-column", "text_column": "--text-column", "commit_seconds": "--commit-seconds"}
 
 
 def _caption_options(args: argparse.Namespace, model) -> dict[str, Any]:
@@ -228,6 +228,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
 def _caption_bulk(args: argparse.Namespace) -> int:
     """`caption --write ...`: the resumable job of `blipkit.collections.caption_images`."""
     from ..collections.caption import caption_images, check_job
+    from .collections import commit_seconds
     from .executor import executor_options
 
     if args.write == "table" and args.write_out is not None:
@@ -247,7 +248,7 @@ def _caption_bulk(args: argparse.Namespace) -> int:
         recursive=args.recursive, batch_size=args.batch_size, workers=args.workers, progress=True,
         errors=args.errors, path_column=args.path_column, text_column=args.text_column,
         executor=args.executor, ray=ray,
-        **_caption_options(args, model),
+        commit_seconds=commit_seconds(args), **_caption_options(args, model),
     ).to_dict()
     if args.json:
         write_line(json.dumps(summary, indent=2, ensure_ascii=False))
@@ -454,6 +455,9 @@ def _options_caption(p: argparse.ArgumentParser) -> None:
     from .executor import add_executor_arguments
 
     add_executor_arguments(p)
+    from .collections import add_commit_seconds
+
+    add_commit_seconds(g)
 
 
 def _options_ask(p: argparse.ArgumentParser) -> None:

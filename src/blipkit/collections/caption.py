@@ -26,7 +26,7 @@ from ..base import BlipBase, check_prompts
 from ..errors import InputError
 from ..generate import caption_config
 from .decode import DEFAULT_MAX_PIXELS, Decoded
-from .engine import Summary, pixels, run_job
+from .engine import COMMIT_SECONDS, Summary, pixels, run_job
 from .readers import read_sources
 from .steps import fingerprint
 
@@ -145,6 +145,7 @@ def caption_images(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     device: str | None = None,
     dtype: str | None = None,
+    commit_seconds: float = COMMIT_SECONDS,
     **options: Any,
 ) -> Summary:
     """Caption the images of `sources` into `write`; resumable (a rerun skips what is done), bad files recorded.
@@ -158,6 +159,7 @@ def caption_images(
         prefix, suffix: text put around every caption. seed: of sampled captions (with `do_sample=True`).
         errors: sidecar only: a JSON-lines file the failures are appended to (they are counted either way).
         executor: "local", or "ray": the same job on Ray Data (`ray`: address, actors, GPUs; see `ray_executor`).
+        commit_seconds: results are written at least this far apart (0: every batch; see `engine.run_job`).
         options: `model.caption` options: prompt, num_beams, max_new_tokens, min_new_tokens, do_sample,
             temperature, top_p, num_captions, repetition_penalty, length_penalty.
 
@@ -185,7 +187,8 @@ def caption_images(
         recipe = ModelStep(CaptionStep, spec, dict(prefix=prefix, suffix=suffix, seed=seed, **options), dtype)
         return run_job_ray(items, recipe, writer, step.processor, batch_size, ray, max_pixels, progress,
                            desc=f"caption -> {write}")
-    return run_job(items, step, writer, batch_size, workers, max_pixels, progress, desc=f"caption -> {write}")
+    return run_job(items, step, writer, batch_size, workers, max_pixels, progress, desc=f"caption -> {write}",
+                   commit_seconds=commit_seconds)
 
 
 def check_job(sources: str | Path | Iterable[str | Path], write: str, out: str | Path | None = None,

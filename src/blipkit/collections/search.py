@@ -26,6 +26,7 @@ from .readers import item_of_path
 
 SHOWN = ("key", "path", "width", "height", "text", "caption", "label")  # row fields a hit carries when present
 DEFAULT_RERANK = 32
+DEFAULT_REFINE = 10  # ANN candidates re-scored exactly with the stored vectors, as a multiple of k (no-op when exact)
 RERANK_BATCH = 32
 
 
@@ -36,8 +37,7 @@ def _first_stage(table, column: str, query: np.ndarray, n: int, where: str | Non
     nearest: dict[str, Any] = {"column": column, "q": query, "k": n, "metric": "cosine"}
     if nprobes is not None:
         nearest["nprobes"] = nprobes
-    if refine_factor is not None:
-        nearest["refine_factor"] = refine_factor
+    nearest["refine_factor"] = DEFAULT_REFINE if refine_factor is None else refine_factor
     try:
         return table.to_table(columns=[c for c in (*SHOWN, *extra) if c in names] + ["_distance"], nearest=nearest,
                               filter=where, prefilter=True)
