@@ -11,6 +11,7 @@ import json
 import sys
 
 from ..errors import InputError
+from .common import add_commit_seconds, commit_seconds
 from .executor import add_executor_arguments, executor_options
 
 FORMATTER = argparse.RawDescriptionHelpFormatter
@@ -77,23 +78,6 @@ def cmd_search(args: argparse.Namespace) -> int:
     if not hits:
         print("no hits", file=sys.stderr)
     return 0
-
-
-def add_commit_seconds(p, default: float | None = None) -> None:
-    """--commit-seconds (local executor): how far apart results are committed (None: the engine's default)."""
-    from ..collections.engine import COMMIT_SECONDS
-    from .common import number
-
-    p.add_argument("--commit-seconds", type=number(0, 86400), default=default,
-                   help=f"commit results at least this far apart (default {COMMIT_SECONDS:g}; 0: every batch); a kill "
-                        "loses at most that much work")
-
-
-def commit_seconds(args: argparse.Namespace) -> float:
-    """The --commit-seconds given, else the engine's default."""
-    from ..collections.engine import COMMIT_SECONDS
-
-    return COMMIT_SECONDS if args.commit_seconds is None else args.commit_seconds
 
 
 def _common(p: argparse.ArgumentParser) -> None:

@@ -228,7 +228,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
 def _caption_bulk(args: argparse.Namespace) -> int:
     """`caption --write ...`: the resumable job of `blipkit.collections.caption_images`."""
     from ..collections.caption import caption_images, check_job
-    from .collections import commit_seconds
+    from .common import commit_seconds
     from .executor import executor_options
 
     if args.write == "table" and args.write_out is not None:
@@ -455,7 +455,7 @@ def _options_caption(p: argparse.ArgumentParser) -> None:
     from .executor import add_executor_arguments
 
     add_executor_arguments(p)
-    from .collections import add_commit_seconds
+    from .common import add_commit_seconds
 
     add_commit_seconds(g)
 
