@@ -170,12 +170,18 @@ def many(tmp_path_factory) -> Path:
     return root
 
 
-def test_kill9_then_resume_every_image_once(many, tiny, tmp_path):
+N_KILL = 60
+
+
+def test_kill9_then_resume_every_image_once(tiny, tmp_path):
+    root = tmp_path / "scenes"
+    write_dataset(root, N_KILL, 1, 1, seed=43, image_size=32, progress=False, web_noise=(0.3, 0.3))
     out = tmp_path / "out"
-    ann = many / "annotations" / "train_web.json"
-    cmd = [sys.executable, "-m", "blipkit.cli", "capfilt", str(ann), "--image-root", str(many), "--out", str(out),
+    ann = root / "annotations" / "train_web.json"
+    # captions of exactly 20 tokens: each one-image batch takes long enough to be killed among the first ones
+    cmd = [sys.executable, "-m", "blipkit.cli", "capfilt", str(ann), "--image-root", str(root), "--out", str(out),
            "--captioner", str(tiny), "--samples", "2", "--batch-size", "1", "--workers", "1",
-           "--max-new-tokens", "8", "--json"]
+           "--min-new-tokens", "20", "--max-new-tokens", "20", "--json"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=True)
     deadline = time.monotonic() + 120
@@ -187,11 +193,11 @@ def test_kill9_then_resume_every_image_once(many, tiny, tmp_path):
     assert not (out / "candidates.parquet").exists()
     parts = sorted((out / "parts").glob("part-*.parquet"))
     done_images = {r["key"] for p in parts for r in pq.read_table(p).to_pylist()}
-    assert 3 <= len(done_images) < 40
+    assert 3 <= len(done_images) < N_KILL
     again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert again.returncode == 0, again.stderr
     summary = json.loads(again.stdout)
-    assert summary["skipped"] == len(done_images) and summary["added"] == 40 - len(done_images)
+    assert summary["skipped"] == len(done_images) and summary["added"] == N_KILL - len(done_images)
     rows = pq.read_table(out / "candidates.parquet").to_pylist()
     web = [r for r in rows if r["source"] == "web"]
     assert sorted(r["image"] for r in web) == sorted(e["image"] for e in json.loads(ann.read_text()))  # once each
