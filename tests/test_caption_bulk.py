@@ -237,6 +237,12 @@ def test_overwrite_keeps_one_row_per_image(scenes, model, write, tmp_path):
     rows = _rows(write, out)
     assert len(rows) == N and len({r["path"] for r in rows}) == N
     assert all(r["caption"].endswith(second) for r in rows)
+    if write == "parquet":  # the file others read as it is
+        import duckdb
+        import polars as pl
+
+        assert duckdb.sql(f"SELECT count(DISTINCT path), count(error) FROM '{out}'").fetchall() == [(N, 0)]
+        assert pl.read_parquet(out)["caption"].to_list() == [r["caption"] for r in rows]
 
 
 def _rows(write: str, out: Path) -> list[dict]:

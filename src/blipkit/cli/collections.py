@@ -112,7 +112,8 @@ def add_commands(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--labels", nargs="+", metavar="LABEL",
                    help="store the best zero-shot label and every label's score")
     p.add_argument("--ann", choices=ANN_CHOICES, default="auto",
-                   help="vector index: auto (from 100,000 rows on), none (exact search), ivf_pq, hnsw")
+                   help="vector index: auto (from 100,000 vectors on: rows, BLIP-2 rows x 32), none (exact search), "
+                        "ivf_pq, hnsw")
     p.add_argument("--batch-size", type=int, default=32, help="images per model call and per commit (default 32)")
     p.add_argument("--workers", type=int, default=None, help="decoding processes (default: cores - 1, at most 4)")
     p.add_argument("--path-column", help="path column of table sources (default: path, image, file_name ...)")

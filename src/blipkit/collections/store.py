@@ -25,7 +25,7 @@ from .decode import Decoded, Failure
 from .engine import key_hash
 
 META_KEY = b"blipkit"
-ANN_MIN_ROWS = 100_000  # `ann="auto"` indexes from this many rows on; below, exact search is fast enough
+ANN_MIN_ROWS = 100_000  # `ann="auto"` indexes from this many vectors on (BLIP-2: rows x 32); below, exact is fast
 ANN_MIN_TRAIN = 512  # fewer rows cannot train the product quantiser's 256 centroids per sub-vector
 ANN_TYPES = {"ivf_pq": "IVF_PQ", "hnsw": "IVF_HNSW_SQ"}
 ANN_CHOICES = ("auto", "none", *ANN_TYPES)
@@ -296,11 +296,13 @@ def pq_sub_vectors(dim: int) -> int:
 
 
 def ensure_index(table, settings: dict[str, Any], ann: str) -> str | None:
-    """Build the ANN index when asked (or, with "auto", once the table is large enough); fold new rows in after."""
+    """Build the ANN index when asked (or, with "auto", once the table holds ANN_MIN_ROWS vectors: rows, or rows x
+    query vectors for BLIP-2); fold new rows in after."""
     column = vector_column(settings)
     existing = vector_indices(table, column)
     rows = table.count_rows()
-    if ann == "none" or (ann == "auto" and not existing and rows < ANN_MIN_ROWS):
+    vectors = rows * max(1, settings["queries"])  # BLIP-2's rows hold 32 vectors each: exact MaxSim scans them all
+    if ann == "none" or (ann == "auto" and not existing and vectors < ANN_MIN_ROWS):
         return existing[0] if existing else None
     if existing and ann in ("auto", next((k for k, v in ANN_TYPES.items() if v == existing[0]), None)):
         table.optimize.optimize_indices()  # new rows join the index (searched exactly until then)
