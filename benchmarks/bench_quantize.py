@@ -183,15 +183,17 @@ def quality(limit: int | None = None) -> None:
                                                                                            quantize="int8"))}
             for label, make in variants.items():
                 m = make()
-                got = evaluate(m, root, "test", tasks, limit=limit)
+                # the ONNX back end scores ITC from images, not from features computed beforehand as evaluate does
+                got = evaluate(m, root, "test", [t for t in tasks if t != "retrieval" or "onnx" not in label],
+                               limit=limit)
                 same = sum(a["caption"] == b["caption"] for a, b in zip(got["captions"], base["captions"], strict=True))
                 n = len(base["captions"])
-                delta = {k: round(got["metrics"][k] - v, 2) for k, v in base["metrics"].items()}
+                delta = {k: round(got["metrics"][k] - v, 2) for k, v in base["metrics"].items() if k in got["metrics"]}
                 worst = max(delta, key=lambda k: abs(delta[k]))
                 line = (f"  {label:<17} captions identical to fp32: {same}/{n} ({100 * same / n:.1f} %), "
                         f"largest metric change {worst} {delta[worst]:+.2f}")
                 if name == "scenes-blip":
-                    images = [str(root / it["image"]) for it in got["captions"][:50]]
+                    images = [str(root / "images" / "test" / f"{i:06d}.png") for i in range(50)]
                     texts = [e["caption"][0] for e in json.loads((root / "annotations" / "test.json").read_text())[:50]]
                     sim = cos(m.similarity(images, texts).flatten(), ref.similarity(images, texts).flatten(), dim=0)
                     itm = cos(m.itm_logits(images, texts).flatten(), ref.itm_logits(images, texts).flatten(), dim=0)
