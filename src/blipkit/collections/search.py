@@ -26,7 +26,7 @@ from .readers import item_of_path
 
 SHOWN = ("key", "path", "width", "height", "text", "caption", "label")  # row fields a hit carries when present
 DEFAULT_RERANK = 32
-DEFAULT_REFINE = 10  # ANN candidates re-scored exactly with the stored vectors, as a multiple of k (no-op when exact)
+DEFAULT_REFINE = 20  # ANN candidates re-scored exactly with the stored vectors, as a multiple of k (no-op when exact)
 RERANK_BATCH = 32
 
 
