@@ -136,7 +136,8 @@ def test_kill9_then_resume_captions_every_image_once(scenes, model, write, tmp_p
     reference = {r["path"]: r["caption"] for r in _jsonl(_reference(folder, model, tmp_path))}
     out = {"sidecar": folder, "jsonl": tmp_path / "c.jsonl", "parquet": tmp_path / "c.parquet"}[write]
     cmd = [sys.executable, "-m", "blipkit.cli", "caption", str(folder), "--write", write, "--batch-size", "2",
-           "--workers", "1", "--beams", "2", "--json"] + ([] if write == "sidecar" else ["--out", str(out)])
+           "--workers", "1", "--beams", "2", "--json", "--commit-seconds", "0"]  # each batch committed
+    cmd += [] if write == "sidecar" else ["--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     rng = random.Random({"sidecar": 1, "jsonl": 2, "parquet": 3}[write])
     killed = 0
