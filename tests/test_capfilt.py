@@ -181,7 +181,7 @@ def test_kill9_then_resume_every_image_once(tiny, tmp_path):
     # captions of exactly 20 tokens: each one-image batch takes long enough to be killed among the first ones
     cmd = [sys.executable, "-m", "blipkit.cli", "capfilt", str(ann), "--image-root", str(root), "--out", str(out),
            "--captioner", str(tiny), "--samples", "2", "--batch-size", "1", "--workers", "1",
-           "--min-new-tokens", "20", "--max-new-tokens", "20", "--json"]
+           "--min-new-tokens", "20", "--max-new-tokens", "20", "--json", "--commit-seconds", "0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=True)
     deadline = time.monotonic() + 120

@@ -9,7 +9,7 @@ import argparse
 import json
 
 from ..errors import InputError
-from .common import check_output_dir, integer, number
+from .common import add_commit_seconds, check_output_dir, commit_seconds, integer, number
 
 FORMATTER = argparse.RawDescriptionHelpFormatter
 EXAMPLES = """examples:
@@ -37,7 +37,7 @@ def cmd_capfilt(args: argparse.Namespace) -> int:
                      threshold=args.threshold, decoding=args.decoding, top_p=args.top_p,
                      min_new_tokens=args.min_new_tokens, max_new_tokens=args.max_new_tokens,
                      num_beams=args.num_beams, seed=args.seed, batch_size=args.batch_size, workers=args.workers,
-                     device=args.device, dtype=args.dtype, progress=True)
+                     commit_seconds=commit_seconds(args), device=args.device, dtype=args.dtype, progress=True)
     summary = result.to_dict()
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -92,4 +92,5 @@ def add_commands(sub, common: argparse.ArgumentParser) -> None:
                    help="images per model call and per commit (default 32)")
     p.add_argument("--workers", type=integer(0, 64), default=None,
                    help="decoding processes (default: cores - 1, at most 4; 0: decode in this process)")
+    add_commit_seconds(p)
     p.set_defaults(func=cmd_capfilt)

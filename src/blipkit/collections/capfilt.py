@@ -33,7 +33,7 @@ import torch
 from ..base import BlipBase
 from ..errors import InputError
 from .decode import Decoded, Failure
-from .engine import Summary, key_hash, pixels, run_job
+from .engine import COMMIT_SECONDS, Summary, key_hash, pixels, run_job
 from .readers import Item, file_item
 
 DECODINGS = ("nucleus", "beam")
@@ -465,6 +465,7 @@ def capfilt(
     seed: int = 0,
     batch_size: int = 32,
     workers: int | None = None,
+    commit_seconds: float = COMMIT_SECONDS,
     image_root: str | Path | None = None,
     skip_bad: bool = False,
     device: str | None = None,
@@ -481,6 +482,7 @@ def capfilt(
         samples: synthetic captions per image (0: filter the web captions only).
         threshold: the ITM match probability a caption needs to be kept.
         decoding: "nucleus" (sampling with `top_p`) or "beam" (the best `samples` of `num_beams` beams).
+        commit_seconds: batches are written at least this far apart (0: every batch; see `engine.run_job`).
     """
     if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not 0 <= threshold <= 1:
         raise InputError(f"threshold={threshold!r}: give a probability between 0 and 1")
@@ -516,7 +518,7 @@ def capfilt(
     (out / SETTINGS_FILE).write_text(json.dumps({"settings": settings, "annotations": str(ann.source)}, indent=1))
     writer = CapFiltWriter(out, ann, index_of, threshold)
     summary = run_job(_ItemList(items), step, writer, batch_size=batch_size, workers=workers, progress=progress,
-                      desc="capfilt")
+                      desc="capfilt", commit_seconds=commit_seconds)
     record = {"settings": {**settings, "threshold": threshold}, "annotations": str(ann.source),
               "skipped_entries": ann.skipped, "counts": summary.extra}
     (out / SETTINGS_FILE).write_text(json.dumps(record, indent=1) + "\n")
