@@ -220,7 +220,7 @@ def test_stage1_steps_lower_every_loss():
     model = tiny(None)
     obj = QFormerObjectives(model, itc_label_smoothing=0.0, itg_label_smoothing=0.0)
     vision_before = {k: v.clone() for k, v in model.vision_model.state_dict().items()}
-    hist = train_steps(obj, repeat(stage1_batch(model)), steps=30, lr=2e-3)
+    hist = train_steps(obj, repeat(stage1_batch(model)), steps=60, lr=2e-3)  # ITC sits at ln(batch) for ~20 steps first
     assert set(hist[0]) == {"itc", "itm", "itg", "loss"}
     assert hist[0]["loss"] == pytest.approx(hist[0]["itc"] + hist[0]["itm"] + hist[0]["itg"], rel=1e-5)
     for k in ("itc", "itg", "loss"):
