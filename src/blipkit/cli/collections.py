@@ -95,7 +95,7 @@ def add_commands(sub, common: argparse.ArgumentParser) -> None:
         help="embed images into a LanceDB table (resumable; bad files become error records)",
         description="Embed the images of SOURCES into a LanceDB table: path, key, size, ITC embedding (BLIP-2: its "
                     "query vectors too), optionally patch features, a caption and zero-shot labels. A rerun skips "
-                    "what is done; a killed job loses at most the batch in flight.",
+                    "what is done; a killed job loses at most the work since its last commit (--commit-seconds).",
         epilog="examples:\n  blipkit index photos/ --db photos.db --recursive\n"
                "  blipkit index 'shards/*.tar' list.txt table.parquet --db data.db --features --json\n"
                "  blipkit index scenes/ --db s.db --caption --labels 'red circle' 'blue square'\n"

@@ -5,8 +5,8 @@ beam search), and the filter's ITM head scores every web and synthetic caption a
 when its match probability is at least `threshold` (0.5: the head's argmax). The job is one step on the collection
 engine (`engine.run_job`): annotations are read into items keyed by the image file and its web captions, a batched
 `CapFiltStep` captions and scores them, and a `CapFiltWriter` commits each batch as one Parquet part written to a
-temporary name and renamed into place, so `kill -9` loses at most the batch in flight and a rerun skips every image
-already done. At the end the parts become:
+temporary name and renamed into place, at least `commit_seconds` apart, so `kill -9` loses at most that much work
+and a rerun skips every image already done. At the end the parts become:
 
 - `DIR/candidates.parquet`: every candidate, `image` (as the annotations wrote it), `caption`, `source` ("web" or
   "synthetic"), `score` (ITM match probability), `verdict` ("keep" / "drop"), `sample` (0 for web captions, 1..N);
