@@ -211,7 +211,10 @@ class ImageProcessor:
     def _pixels(self, image: Image.Image) -> np.ndarray:
         height, width = self.size
         chw = np.asarray(image.resize((width, height), resample=self.resample)).transpose(2, 0, 1)  # (3, H, W) uint8
-        return self._lut[np.arange(3)[:, None, None], chw]  # (3, H, W) float32
+        out = np.empty(chw.shape, dtype=np.float32)
+        for c in range(3):  # a table look-up per channel: np.take is ~3x faster than fancy indexing here
+            np.take(self._lut[c], chw[c], out=out[c])
+        return out  # (3, H, W) float32
 
     def __call__(self, images: ImageLike | list[ImageLike]) -> torch.Tensor:
         """Preprocess one image or a list (paths, PIL images, or already preprocessed tensors) into (N, 3, H, W)."""
