@@ -206,6 +206,26 @@ def test_kill9_then_resume_every_image_once(tiny, tmp_path):
     assert Counter(r["image"] for r in rows if r["source"] == "synthetic") == Counter({r["image"]: 2 for r in web})
 
 
+@pytest.mark.parametrize("name", ["scenes-blip", "scenes-blip2-opt"])
+def test_sampled_captions_with_a_generator_per_image_do_not_depend_on_the_batch(name):
+    """What makes CapFilt's synthetic captions the same whatever the batch, the executor or a resume."""
+    import torch
+
+    model = blipkit.load(name)
+    x = torch.randn(4, 3, *model.processor.size, generator=torch.Generator().manual_seed(0))
+
+    def gens(*seeds):
+        return [torch.Generator().manual_seed(s) for s in seeds]
+
+    batched = model.caption(x, do_sample=True, num_captions=2, generator=gens(10, 11, 12, 13))
+    alone = [model.caption(x[i : i + 1], do_sample=True, num_captions=2, generator=gens(10 + i))[0] for i in range(4)]
+    assert batched == alone
+    assert model.caption(x[[2, 0]], do_sample=True, num_captions=2, generator=gens(12, 10)) == [batched[2], batched[0]]
+    assert len({c for cs in batched for c in cs}) > 4  # sampled, not one caption repeated
+    with pytest.raises(InputError, match="got 2 generators for 4 inputs"):
+        model.caption(x, do_sample=True, generator=gens(1, 2))
+
+
 # ------------------------------------------------------------------------------------------------- formats
 
 

@@ -125,7 +125,8 @@ class Blip(PairMatching, BlipBase):
         return out
 
     # ----------------------------------------------------------------- generation
-    def _decode(self, context: Tensor, context_mask: Tensor | None, prompt: Tensor, prompt_mask: Tensor, gen):
+    def _decode(self, context: Tensor, context_mask: Tensor | None, prompt: Tensor, prompt_mask: Tensor, gen,
+                generator=None):
         """Run `generate` with the text decoder attending to `context`; returns `Generated`."""
 
         def make_step(rows: int):
@@ -149,7 +150,8 @@ class Blip(PairMatching, BlipBase):
             return step
 
         tc = self.config.text_config
-        return generate(make_step, prompt, prompt_mask, gen, eos_token_id=tc.sep_token_id, pad_token_id=tc.pad_token_id)
+        return generate(make_step, prompt, prompt_mask, gen, eos_token_id=tc.sep_token_id, pad_token_id=tc.pad_token_id,
+                        generator=generator)
 
     @torch.inference_mode()
     def caption(
@@ -166,12 +168,15 @@ class Blip(PairMatching, BlipBase):
         num_captions: int = 1,
         length_penalty: float = 1.0,
         return_scores: bool = False,
+        generator: torch.Generator | list[torch.Generator] | None = None,
     ) -> list[str] | list[list[str]] | list[tuple[str, float]]:
         """Captions for each image (the prompt, if any, starts each caption).
 
         With `num_captions > 1` each image gets a list of that many: the best beams (needs `num_beams >=
         num_captions`) or, with `do_sample=True`, independent samples. With `return_scores=True` each caption comes
-        as `(text, log_probability)`, the summed log-probability of its generated tokens.
+        as `(text, log_probability)`, the summed log-probability of its generated tokens. Sampling draws from
+        `generator` (default: torch's), or from one generator per image: an image's captions then do not depend on
+        the batch it is in.
         """
         self.require("caption")
         gen = caption_config(num_beams, max_new_tokens, min_new_tokens, repetition_penalty, do_sample, temperature,
@@ -184,7 +189,7 @@ class Blip(PairMatching, BlipBase):
             raise InputError(f"got {len(prompts)} prompts for {n} images")
         ids, mask = self._prompt_ids(prompts)
         self._check_room(int(mask.sum(-1).max()), gen)
-        out = self._decode(feats, None, ids, mask, gen)
+        out = self._decode(feats, None, ids, mask, gen, generator)
         k = num_captions
         texts = []
         for r, toks in enumerate(out.tokens):

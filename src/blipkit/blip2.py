@@ -196,7 +196,7 @@ class Blip2(PairMatching, BlipBase):
         return rows
 
     def _generate(
-        self, images: ImageInput | Tensor, prompt: str | list[str] | None, gen: GenerationConfig
+        self, images: ImageInput | Tensor, prompt: str | list[str] | None, gen: GenerationConfig, generator=None
     ) -> tuple[Generated, list[list[int]]]:
         """Decode continuations for each image and its prompt; returns them and the prompt ids."""
         self.require("generate", "generate text")
@@ -209,9 +209,9 @@ class Blip2(PairMatching, BlipBase):
             raise InputError(f"got {len(prompts)} prompts for {n} images (image i goes with prompt i)")
         rows = self._prompt_rows(prompts, gen.max_new_tokens)
         decode = self._decode_t5 if self.config.lm_type == "t5" else self._decode_opt
-        return decode(prefix, rows, gen), rows
+        return decode(prefix, rows, gen, generator), rows
 
-    def _decode_opt(self, prefix: Tensor, rows: list[list[int]], gen: GenerationConfig) -> Generated:
+    def _decode_opt(self, prefix: Tensor, rows: list[list[int]], gen: GenerationConfig, generator=None) -> Generated:
         """OPT continues `[queries, prompt]`; prompts are left-padded so every row continues at its end."""
         tc, n, Q = self.config.text_config, prefix.shape[0], prefix.shape[1]
         T = max(len(r) for r in rows)
@@ -235,9 +235,10 @@ class Blip2(PairMatching, BlipBase):
 
             return step
 
-        return generate(make_step, ids, mask_all, gen, eos_token_id=tc.eos_token_id, pad_token_id=tc.pad_token_id)
+        return generate(make_step, ids, mask_all, gen, eos_token_id=tc.eos_token_id, pad_token_id=tc.pad_token_id,
+                        generator=generator)
 
-    def _decode_t5(self, prefix: Tensor, rows: list[list[int]], gen: GenerationConfig) -> Generated:
+    def _decode_t5(self, prefix: Tensor, rows: list[list[int]], gen: GenerationConfig, generator=None) -> Generated:
         """T5 encodes `[queries, prompt]` (prompts right-padded) and decodes from its start token."""
         lm, tc, n, Q = self.language_model, self.config.text_config, prefix.shape[0], prefix.shape[1]
         T = max(len(r) for r in rows)
@@ -254,6 +255,7 @@ class Blip2(PairMatching, BlipBase):
             gen,
             eos_token_id=tc.eos_token_id,
             pad_token_id=tc.pad_token_id,
+            generator=generator,
         )
 
     @torch.inference_mode()
@@ -271,17 +273,20 @@ class Blip2(PairMatching, BlipBase):
         num_captions: int = 1,
         length_penalty: float = 1.0,
         return_scores: bool = False,
+        generator: torch.Generator | list[torch.Generator] | None = None,
     ) -> list[str] | list[list[str]] | list[tuple[str, float]]:
         """Captions for each image (OPT continues the prompt, so it starts the caption; T5 answers it).
 
         With `num_captions > 1` each image gets a list of that many: the best beams (needs `num_beams >=
         num_captions`) or, with `do_sample=True`, independent samples. With `return_scores=True` each caption comes
-        as `(text, log_probability)`, the summed log-probability of its generated tokens.
+        as `(text, log_probability)`, the summed log-probability of its generated tokens. Sampling draws from
+        `generator` (default: torch's), or from one generator per image: an image's captions then do not depend on
+        the batch it is in.
         """
         gen = caption_config(num_beams, max_new_tokens, min_new_tokens, repetition_penalty, do_sample, temperature,
                              top_p, num_captions, length_penalty, return_scores)
         self.require("caption")
-        out, rows = self._generate(images, prompt, gen)
+        out, rows = self._generate(images, prompt, gen, generator)
         k, continues = num_captions, self.config.lm_type == "opt"
         texts = [
             self.tokenizer.decode((rows[r // k] if continues else []) + toks).strip()

@@ -224,19 +224,31 @@ def generate(
     cfg: GenerationConfig,
     eos_token_id: int | list[int],
     pad_token_id: int,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
 ) -> Generated:
     """Decode continuations of `input_ids` (B, T0), left-padded where `attention_mask` is 0.
 
-    Returns `num_return_sequences` rows per input, in input order.
+    Returns `num_return_sequences` rows per input, in input order. Sampling draws from `generator`, or with a list of
+    B generators, input i draws from generator i alone (its tokens then do not depend on the other inputs).
     """
     cfg.check()
+    if isinstance(generator, (list, tuple)) and len(generator) != input_ids.shape[0]:
+        raise InputError(f"got {len(generator)} generators for {input_ids.shape[0]} inputs: give one per input")
     eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     if cfg.num_beams > 1:
         return _beam(make_step, input_ids, attention_mask, cfg, eos, pad_token_id, generator)
     return _sample(make_step, input_ids, attention_mask, cfg, eos, pad_token_id, generator)
+
+
+def _multinomial(probs: Tensor, n: int, generator) -> Tensor:
+    """`torch.multinomial` of each row; with a list of generators, each draws the rows of its input (consecutive)."""
+    if not isinstance(generator, (list, tuple)):
+        return torch.multinomial(probs, n, generator=generator)
+    rows = probs.shape[0] // len(generator)
+    return torch.cat([torch.multinomial(probs[i * rows : (i + 1) * rows], n, generator=g)
+                      for i, g in enumerate(generator)])
 
 
 def _sample(make_step, input_ids, mask, cfg, eos, pad, generator) -> Generated:
@@ -254,7 +266,7 @@ def _sample(make_step, input_ids, mask, cfg, eos, pad, generator) -> Generated:
         scores = _process(logits.float(), seqs, mask, t, cfg, eos)
         if cfg.do_sample:
             probs = _warp(scores, cfg).softmax(dim=-1)
-            tok = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+            tok = _multinomial(probs, 1, generator).squeeze(1)
         else:
             tok = scores.argmax(dim=-1)
         logp = scores.log_softmax(dim=-1).gather(1, tok[:, None]).squeeze(1)
@@ -299,7 +311,7 @@ def _beam_candidates(logp: Tensor, run_scores: Tensor, keep: int, cfg: Generatio
     V = logp.shape[-1]
     acc = (logp.view(B, nb, V) + run_scores[..., None]).view(B, nb * V)
     if cfg.do_sample:
-        idx = torch.multinomial(acc.softmax(dim=-1), keep, generator=generator)
+        idx = _multinomial(acc.softmax(dim=-1), keep, generator)
         top_lp = acc.gather(1, idx)
     else:
         top_lp, idx = acc.topk(keep, dim=1)
