@@ -1,6 +1,7 @@
 """The Ray executor of the collection jobs (`--executor ray`): the same table as the local executor (BLIP with every
 column kind, BLIP-2's multivectors), skips before any model call, kill -9 of the driver then resume, a worker that
-dies, bad files, clear errors for an unreachable cluster and misplaced flags. One local Ray for the module."""
+dies, bad files, clear errors for an unreachable cluster and misplaced flags; CapFilt's outputs the same from both
+executors, a local run resumed on Ray, the local executor's options refused with Ray. One local Ray for the module."""
 
 from __future__ import annotations
 
@@ -230,3 +231,105 @@ def test_bulk_captions_are_the_same_from_both_executors(cluster, scenes, tmp_pat
     assert len(outputs["ray"]) == 9 and outputs["ray"] == outputs["local"]
     code, err = _cli(capsys, "caption", str(tmp_path / "imgs"), "--executor", "ray")
     assert code == 2 and "--executor ray runs bulk captioning" in err
+
+
+# ------------------------------------------------------------------------------------------------- capfilt on Ray
+
+N_CAPFILT = 10
+
+
+@pytest.fixture(scope="module")
+def noisy(tmp_path_factory) -> tuple[Path, Path]:
+    """Scenes with noisy web captions (the root, its annotation file); the last image cut short (its header reads,
+    its pixels do not: a decoding failure, not an annotation error)."""
+    from blipkit.data.scenes import write_dataset
+
+    root = tmp_path_factory.mktemp("noisy")
+    write_dataset(root, N_CAPFILT, 1, 1, seed=43, image_size=64, progress=False, web_noise=(0.3, 0.3))
+    ann = root / "annotations" / "train_web.json"
+    last = root / json.loads(ann.read_text())[-1]["image"]
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    return root, ann
+
+
+CAPFILT = {"samples": 2, "batch_size": 4, "progress": False}
+
+
+@pytest.fixture(scope="module")
+def capfilt_reference(noisy, model, tmp_path_factory) -> Path:
+    """The outputs of an uninterrupted local capfilt run."""
+    from blipkit.collections.capfilt import capfilt
+
+    out = tmp_path_factory.mktemp("capfilt") / "local"
+    result = capfilt(noisy[1], out, model, image_root=noisy[0], workers=0, **CAPFILT)
+    assert (result.summary.added, result.summary.failed) == (N_CAPFILT - 1, 1)
+    return out
+
+
+def _same_capfilt(a: Path, b: Path) -> None:
+    """Same candidates (scores within 1e-5), kept annotations and error records."""
+    import pyarrow.parquet as pq
+
+    ra, rb = (pq.read_table(d / "candidates.parquet").to_pylist() for d in (a, b))
+    assert len(ra) == len(rb) == 3 * (N_CAPFILT - 1)  # one web and two sampled captions an image
+    for x, y in zip(ra, rb, strict=True):
+        assert abs(x.pop("score") - y.pop("score")) <= 1e-5 and x == y
+    for name in ("annotations.json", "errors.json"):
+        assert (a / name).read_text() == (b / name).read_text()
+    assert json.loads((a / "capfilt.json").read_text())["counts"]["errors"] == 1
+
+
+def test_capfilt_writes_the_same_outputs_from_both_executors(cluster, noisy, model, capfilt_reference, tmp_path):
+    from blipkit.collections.capfilt import capfilt
+
+    # batches of 3, not 4: sampled captions depend on the image, not on its batch
+    result = capfilt(noisy[1], tmp_path / "ray", model, image_root=noisy[0], executor="ray",
+                     ray=RayOptions(commit_rows=3), **{**CAPFILT, "batch_size": 3})
+    assert (result.summary.added, result.summary.failed) == (N_CAPFILT - 1, 1)
+    _same_capfilt(capfilt_reference, tmp_path / "ray")
+    assert len(list((tmp_path / "ray" / "parts").glob("part-*.parquet"))) == 4  # 10 items, 3 rows a commit
+
+
+def test_capfilt_on_ray_resumes_a_local_run(cluster, noisy, model, capfilt_reference, tmp_path):
+    from blipkit.collections.capfilt import capfilt
+
+    root, ann = noisy
+    first = tmp_path / "first.json"
+    first.write_text(json.dumps(json.loads(ann.read_text())[:4]))  # 4 of the good images, locally
+    out = tmp_path / "out"
+    capfilt(first, out, model, image_root=root, workers=0, **CAPFILT)
+    rest = capfilt(ann, out, model, image_root=root, executor="ray", **{**CAPFILT, "batch_size": 3})
+    assert (rest.summary.added, rest.summary.skipped, rest.summary.failed) == (N_CAPFILT - 5, 4, 1)
+    _same_capfilt(capfilt_reference, out)
+    again = capfilt(ann, out, model, image_root=root, executor="ray", **CAPFILT)  # the failure is final too
+    assert (again.summary.added, again.summary.skipped, again.summary.failed) == (0, N_CAPFILT, 0)
+    _same_capfilt(capfilt_reference, out)
+
+
+def test_local_only_options_are_refused_with_ray(noisy, scenes, tmp_path, capsys):
+    from blipkit.collections import caption_images
+    from blipkit.collections.capfilt import capfilt
+    from blipkit.errors import InputError
+
+    root, ann = noisy
+    commands = {
+        ("capfilt", str(ann), "--image-root", str(root), "--out", str(tmp_path / "cf")): "--commit-seconds",
+        ("caption", str(scenes), "--write", "jsonl", "--out", str(tmp_path / "c.jsonl")): "--commit-seconds",
+        ("index", str(scenes), "--db", str(tmp_path / "db")): "--commit-seconds",
+    }
+    for argv in commands:
+        code, err = _cli(capsys, *argv, "--executor", "ray", "--commit-seconds", "5")
+        assert code == 2 and len(err.strip().splitlines()) == 1, (argv, err)
+        assert "--commit-seconds is for --executor local (with ray, commits go by --commit-rows)" in err
+    code, err = _cli(capsys, *next(iter(commands)), "--executor", "ray", "--workers", "1")
+    assert code == 2 and "--workers is for --executor local" in err
+    assert not any((tmp_path / name).exists() for name in ("cf", "c.jsonl", "db"))
+    calls = [
+        lambda: capfilt(ann, tmp_path / "cf", image_root=root, executor="ray", commit_seconds=5),
+        lambda: capfilt(ann, tmp_path / "cf", image_root=root, executor="ray", workers=2),
+        lambda: caption_images(scenes, write="jsonl", out=tmp_path / "c.jsonl", executor="ray", commit_seconds=5),
+        lambda: Index(tmp_path / "db", "scenes-blip").add(scenes, executor="ray", commit_seconds=5),
+    ]
+    for call in calls:
+        with pytest.raises(InputError, match="is for executor='local'"):
+            call()

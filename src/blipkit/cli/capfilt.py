@@ -9,7 +9,8 @@ import argparse
 import json
 
 from ..errors import InputError
-from .common import add_commit_seconds, check_output_dir, commit_seconds, integer, number
+from .common import add_commit_seconds, check_output_dir, integer, number
+from .executor import add_executor_arguments, executor_options
 
 FORMATTER = argparse.RawDescriptionHelpFormatter
 EXAMPLES = """examples:
@@ -17,6 +18,7 @@ EXAMPLES = """examples:
   blipkit capfilt web.parquet --out cf/ --captioner runs/cap --filter runs/filt --samples 3 --threshold 0.6
   blipkit capfilt dataset_coco.json --out cf/ --image-root coco/ --decoding beam
   blipkit capfilt photos/ --out cf/ --samples 0                        # filter the sidecar captions only
+  blipkit capfilt web.parquet --out cf/ --executor ray --ray-address auto --actors 8 --gpus-per-actor 1
 rerun the same command to resume; with another --threshold only the outputs are rewritten"""
 
 
@@ -31,13 +33,15 @@ def cmd_capfilt(args: argparse.Namespace) -> int:
 
         _device(args.device)
     check_output_dir(args.out, "--out")
+    ray = executor_options(args)  # flags checked, the cluster's address reached, before anything is read
     annotations = read_annotations(args.annotations, args.image_root, args.skip_bad)  # checked before models load
     result = capfilt(annotations, args.out, captioner=args.captioner or args.model,
                      filter=args.filter or args.captioner or args.model, samples=args.samples,
                      threshold=args.threshold, decoding=args.decoding, top_p=args.top_p,
                      min_new_tokens=args.min_new_tokens, max_new_tokens=args.max_new_tokens,
                      num_beams=args.num_beams, seed=args.seed, batch_size=args.batch_size, workers=args.workers,
-                     commit_seconds=commit_seconds(args), device=args.device, dtype=args.dtype, progress=True)
+                     commit_seconds=args.commit_seconds, executor=args.executor, ray=ray, device=args.device,
+                     dtype=args.dtype, progress=True)
     summary = result.to_dict()
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -62,7 +66,8 @@ def add_commands(sub, common: argparse.ArgumentParser) -> None:
                     "with a match probability of at least --threshold are kept. Writes OUT/annotations.json (the "
                     "kept pairs in the input's format; .parquet for Parquet input) and OUT/candidates.parquet "
                     "(every candidate: image, caption, source, score, verdict). A killed job resumes where it "
-                    "stopped when rerun.",
+                    "stopped when rerun. With --executor ray the same job runs on Ray Data (one captioner and "
+                    "filter per actor) and writes the same outputs.",
         epilog=EXAMPLES,
     )
     p.add_argument("annotations", metavar="ANNOTATIONS",
@@ -89,8 +94,9 @@ def add_commands(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-bad", action="store_true",
                    help="skip entries whose image is missing or unreadable or whose caption is empty (counted)")
     p.add_argument("--batch-size", type=integer(1, 4096), default=32,
-                   help="images per model call and per commit (default 32)")
+                   help="images per model call (default 32)")
     p.add_argument("--workers", type=integer(0, 64), default=None,
-                   help="decoding processes (default: cores - 1, at most 4; 0: decode in this process)")
+                   help="decoding processes of --executor local (default: cores - 1, at most 4; 0: in this process)")
     add_commit_seconds(p)
+    add_executor_arguments(p)
     p.set_defaults(func=cmd_capfilt)

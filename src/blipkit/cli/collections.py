@@ -11,7 +11,7 @@ import json
 import sys
 
 from ..errors import InputError
-from .common import add_commit_seconds, commit_seconds
+from .common import add_commit_seconds
 from .executor import add_executor_arguments, executor_options
 
 FORMATTER = argparse.RawDescriptionHelpFormatter
@@ -39,13 +39,11 @@ def cmd_index(args: argparse.Namespace) -> int:
     if args.workers is not None and args.workers < 0:
         raise InputError(f"--workers {args.workers}: use 0 (decode in this process) or more")
     ray = executor_options(args)
-    if ray is not None and args.commit_seconds is not None:
-        raise InputError("--commit-seconds is for --executor local; with ray, commits go by --commit-rows")
     connect(args.db, write=True)  # a read-only database fails before the model loads
     summary = _index(args).add(args.sources, recursive=args.recursive, batch_size=args.batch_size,
                                workers=args.workers, progress=True, path_column=args.path_column,
                                text_column=args.text_column, executor=args.executor, ray=ray,
-                               commit_seconds=commit_seconds(args)).to_dict()
+                               commit_seconds=args.commit_seconds).to_dict()
     if args.json:
         print(json.dumps(summary, indent=2))
     else:

@@ -1,6 +1,6 @@
 """`--executor local|ray` and the Ray flags of the bulk commands that run on the collection engine (`index`,
-`caption --write`): added to a parser, checked at the door into `RayOptions` (no cluster contacted but the given
-address, no model loaded)."""
+`caption --write`, `capfilt`): added to a parser, checked at the door into `RayOptions` (no cluster contacted but
+the given address, no model loaded); the local executor's `--workers` and `--commit-seconds` refused with ray."""
 
 from __future__ import annotations
 
@@ -36,6 +36,8 @@ def executor_options(args: argparse.Namespace):
         return None
     if getattr(args, "workers", None) is not None:
         raise InputError("--workers is for --executor local (with ray, decoding runs in Ray tasks): drop it")
+    if getattr(args, "commit_seconds", None) is not None:
+        raise InputError("--commit-seconds is for --executor local (with ray, commits go by --commit-rows): drop it")
     from ..collections.ray_executor import OPTION_RULES, RayOptions, check_address, check_option, ray_module
 
     for name in OPTION_RULES:

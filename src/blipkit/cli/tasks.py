@@ -228,7 +228,6 @@ def cmd_caption(args: argparse.Namespace) -> int:
 def _caption_bulk(args: argparse.Namespace) -> int:
     """`caption --write ...`: the resumable job of `blipkit.collections.caption_images`."""
     from ..collections.caption import caption_images, check_job
-    from .common import commit_seconds
     from .executor import executor_options
 
     if args.write == "table" and args.write_out is not None:
@@ -248,7 +247,7 @@ def _caption_bulk(args: argparse.Namespace) -> int:
         recursive=args.recursive, batch_size=args.batch_size, workers=args.workers, progress=True,
         errors=args.errors, path_column=args.path_column, text_column=args.text_column,
         executor=args.executor, ray=ray,
-        commit_seconds=commit_seconds(args), **_caption_options(args, model),
+        commit_seconds=args.commit_seconds, **_caption_options(args, model),
     ).to_dict()
     if args.json:
         write_line(json.dumps(summary, indent=2, ensure_ascii=False))

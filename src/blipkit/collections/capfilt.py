@@ -6,7 +6,9 @@ when its match probability is at least `threshold` (0.5: the head's argmax). The
 engine (`engine.run_job`): annotations are read into items keyed by the image file and its web captions, a batched
 `CapFiltStep` captions and scores them, and a `CapFiltWriter` commits each batch as one Parquet part written to a
 temporary name and renamed into place, at least `commit_seconds` apart, so `kill -9` loses at most that much work
-and a rerun skips every image already done. At the end the parts become:
+and a rerun skips every image already done. With `executor="ray"` the same step and writer run on Ray Data
+(`ray_executor.run_job_ray`: one captioner and filter per actor, parts of `commit_rows` rows); sampled captions are
+seeded per image, so both executors write the same candidates. At the end the parts become:
 
 - `DIR/candidates.parquet`: every candidate, `image` (as the annotations wrote it), `caption`, `source` ("web" or
   "synthetic"), `score` (ITM match probability), `verdict` ("keep" / "drop"), `sample` (0 for web captions, 1..N);
@@ -26,15 +28,19 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..base import BlipBase
 from ..errors import InputError
+from .caption import item_seed
 from .decode import Decoded, Failure
 from .engine import COMMIT_SECONDS, Summary, key_hash, pixels, run_job
 from .readers import Item, file_item
+
+if TYPE_CHECKING:
+    from .ray_executor import RayOptions
 
 DECODINGS = ("nucleus", "beam")
 SETTINGS_FILE = "capfilt.json"
@@ -182,16 +188,21 @@ def model_fingerprint(model: BlipBase) -> str:
 class CapFiltStep:
     """A batch of decoded images -> for each, its candidates (web captions, then synthetic ones) and their scores.
 
-    Columns: `candidates` (list of (source, sample, caption) per image) and `scores` (list of float per image).
+    Each item carries its web captions as `item.text` (a JSON list), so the step is the same wherever it runs (a
+    Ray actor gets the captions with the images). Columns: `candidates` (list of (source, sample, caption) per image)
+    and `scores` (list of float per image). Sampled captions come from each image's own generator, seeded by `seed`
+    and the item's key (as `caption.CaptionStep`): they do not depend on the batch, the executor or a resume.
     """
 
-    def __init__(self, captioner: BlipBase, filter: BlipBase, captions: dict[str, list[str]], samples: int = 1,
-                 decoding: str = "nucleus", top_p: float = 0.9, min_new_tokens: int = 5, max_new_tokens: int = 30,
-                 num_beams: int = 3, seed: int = 0) -> None:
+    def __init__(self, captioner: BlipBase, filter: BlipBase, samples: int = 1, decoding: str = "nucleus",
+                 top_p: float = 0.9, min_new_tokens: int = 5, max_new_tokens: int = 30, num_beams: int = 3,
+                 seed: int = 0) -> None:
         if decoding not in DECODINGS:
             raise InputError(f"decoding={decoding!r}: use one of {', '.join(DECODINGS)}")
         if not isinstance(samples, int) or isinstance(samples, bool) or samples < 0:
             raise InputError(f"samples={samples!r}: give 0 or more synthetic captions per image")
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+            raise InputError(f"seed={seed!r}: give a whole number from 0 to 2**63 - 1")
         if samples:
             captioner.require("caption", "write synthetic captions")
         filter.require("itm", "filter captions")
@@ -202,22 +213,22 @@ class CapFiltStep:
             raise InputError(f"captioner {captioner.name_or_path} and filter {filter.name_or_path} preprocess images "
                              "differently: pick two models of the same image size and normalisation")
         self.captioner, self.filter, self.processor = captioner, filter, filter.processor
-        self.captions, self.samples, self.decoding = captions, samples, decoding
+        self.samples, self.decoding = samples, decoding
         self.generate = {"top_p": top_p, "min_new_tokens": min_new_tokens, "max_new_tokens": max_new_tokens}
         self.num_beams, self.seed = num_beams, seed
 
-    def _synthetic(self, x: torch.Tensor, keys: list[str]) -> list[list[str]]:
+    def _synthetic(self, feats: torch.Tensor, keys: list[str]) -> list[list[str]]:
+        """`samples` captions of each image from its features (the captioner's ViT output)."""
         if not self.samples:
             return [[] for _ in keys]
-        g = self.generate
-        if self.decoding == "nucleus":
-            # seeded by the batch's keys: a rerun of the same batch writes the same captions
-            torch.manual_seed(self.seed ^ (key_hash("\n".join(keys)) & 0x7FFFFFFF))
-            out = self.captioner.caption(x, do_sample=True, top_p=g["top_p"], num_captions=self.samples,
-                                         min_new_tokens=g["min_new_tokens"], max_new_tokens=g["max_new_tokens"])
-        else:
-            out = self.captioner.caption(x, num_beams=self.num_beams, num_captions=self.samples,
-                                         min_new_tokens=g["min_new_tokens"], max_new_tokens=g["max_new_tokens"])
+        m, g = self.captioner, self.generate
+        lengths = {"min_new_tokens": g["min_new_tokens"], "max_new_tokens": g["max_new_tokens"]}
+        if self.decoding == "beam":  # deterministic, and each row kept to itself: the batch at once
+            out = m.caption(feats, num_beams=self.num_beams, num_captions=self.samples, **lengths)
+        else:  # batched, each image drawing from its own generator (one shared stream would tie it to its batch)
+            gens = [torch.Generator(m.device).manual_seed(item_seed(self.seed, key)) for key in keys]
+            out = m.caption(feats, do_sample=True, top_p=g["top_p"], num_captions=self.samples, generator=gens,
+                            **lengths)
         return [o if isinstance(o, list) else [o] for o in out]
 
     @torch.inference_mode()
@@ -225,12 +236,16 @@ class CapFiltStep:
         """Candidates and their ITM match probabilities for the decoded images of one batch."""
         keys = [d.item.key for d in batch]
         x = pixels(batch)
-        synthetic = self._synthetic(x.to(self.captioner.device, self.captioner.dtype), keys)
-        candidates = []
-        for key, syn in zip(keys, synthetic, strict=True):
-            web = [("web", 0, c) for c in self.captions[key]]
-            candidates.append(web + [("synthetic", s + 1, c) for s, c in enumerate(syn)])
         feats = self.filter.image_features(x.to(self.filter.device, self.filter.dtype))  # one ViT pass per image
+        if self.samples and self.captioner is not self.filter:
+            synthetic = self._synthetic(self.captioner.image_features(x.to(self.captioner.device,
+                                                                            self.captioner.dtype)), keys)
+        else:
+            synthetic = self._synthetic(feats, keys)
+        candidates = []
+        for d, syn in zip(batch, synthetic, strict=True):
+            web = [("web", 0, c) for c in json.loads(d.item.text)]
+            candidates.append(web + [("synthetic", s + 1, c) for s, c in enumerate(syn)])
         scores = [self.filter.match(feats[i : i + 1], [c for _, _, c in cands])[0].float().tolist()
                   for i, cands in enumerate(candidates)]  # each image against its own texts only
         return {"candidates": candidates, "scores": scores}
@@ -465,7 +480,9 @@ def capfilt(
     seed: int = 0,
     batch_size: int = 32,
     workers: int | None = None,
-    commit_seconds: float = COMMIT_SECONDS,
+    commit_seconds: float | None = None,
+    executor: str = "local",
+    ray: RayOptions | None = None,
     image_root: str | Path | None = None,
     skip_bad: bool = False,
     device: str | None = None,
@@ -482,8 +499,17 @@ def capfilt(
         samples: synthetic captions per image (0: filter the web captions only).
         threshold: the ITM match probability a caption needs to be kept.
         decoding: "nucleus" (sampling with `top_p`) or "beam" (the best `samples` of `num_beams` beams).
-        commit_seconds: batches are written at least this far apart (0: every batch; see `engine.run_job`).
+        workers, commit_seconds: the local executor's decoding processes, and how far apart batches are written
+            (default 1 s; 0: every batch; see `engine.run_job`).
+        executor: "local", or "ray": the same job on Ray Data (`ray`: address, actors, GPUs, rows per commit; see
+            `ray_executor`); the models are loaded here and shipped to the actors.
     """
+    if executor not in ("local", "ray"):
+        raise InputError(f"executor={executor!r}: use local or ray")
+    if executor == "ray":
+        from .ray_executor import refuse_local_options
+
+        refuse_local_options(workers=workers, commit_seconds=commit_seconds)
     if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not 0 <= threshold <= 1:
         raise InputError(f"threshold={threshold!r}: give a probability between 0 and 1")
     if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
@@ -494,19 +520,19 @@ def capfilt(
     ann = annotations if isinstance(annotations, Annotations) else read_annotations(annotations, image_root, skip_bad)
     cap = _load(captioner, device, dtype)
     filt = cap if filter is None or filter == captioner else _load(filter, device, dtype)
-    step_captions: dict[str, list[str]] = {}
     items, index_of = [], {}
     for i, (file, caps) in enumerate(zip(ann.files, ann.captions, strict=True)):
         item = file_item(file)
         digest = hashlib.blake2b("\n".join(caps).encode(), digest_size=8).hexdigest()
-        item = replace(item, key=f"{item.key}|{digest}")  # new web captions for an image: a new item
+        # new web captions for an image: a new item; they travel with it (as JSON) to the step
+        item = replace(item, key=f"{item.key}|{digest}", text=json.dumps(caps, ensure_ascii=False))
         if item.key in index_of:
             continue
         items.append(item)
         index_of[item.key] = i
-        step_captions[item.key] = caps
-    step = CapFiltStep(cap, filt, step_captions, samples, decoding, top_p, min_new_tokens, max_new_tokens,
-                       num_beams, seed)
+    options = dict(samples=samples, decoding=decoding, top_p=top_p, min_new_tokens=min_new_tokens,
+                   max_new_tokens=max_new_tokens, num_beams=num_beams, seed=seed)
+    step = CapFiltStep(cap, filt, **options)  # the options checked before any output is written
     settings = {"captioner": str(cap.name_or_path),
                 "captioner_fingerprint": model_fingerprint(cap) if samples else None,
                 "filter": str(filt.name_or_path), "filter_fingerprint": model_fingerprint(filt), "samples": samples,
@@ -517,8 +543,15 @@ def capfilt(
     out.mkdir(parents=True, exist_ok=True)
     (out / SETTINGS_FILE).write_text(json.dumps({"settings": settings, "annotations": str(ann.source)}, indent=1))
     writer = CapFiltWriter(out, ann, index_of, threshold)
-    summary = run_job(_ItemList(items), step, writer, batch_size=batch_size, workers=workers, progress=progress,
-                      desc="capfilt", commit_seconds=commit_seconds)
+    if executor == "ray":
+        from .ray_executor import ModelStep, run_job_ray
+
+        recipe = ModelStep(CapFiltStep, cap, dict(filter=filt, **options))  # filt is cap when they are one model
+        summary = run_job_ray(_ItemList(items), recipe, writer, step.processor, batch_size, ray, progress=progress,
+                              desc="capfilt")
+    else:
+        summary = run_job(_ItemList(items), step, writer, batch_size=batch_size, workers=workers, progress=progress,
+                          desc="capfilt", commit_seconds=COMMIT_SECONDS if commit_seconds is None else commit_seconds)
     record = {"settings": {**settings, "threshold": threshold}, "annotations": str(ann.source),
               "skipped_entries": ann.skipped, "counts": summary.extra}
     (out / SETTINGS_FILE).write_text(json.dumps(record, indent=1) + "\n")

@@ -145,7 +145,7 @@ def caption_images(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     device: str | None = None,
     dtype: str | None = None,
-    commit_seconds: float = COMMIT_SECONDS,
+    commit_seconds: float | None = None,
     **options: Any,
 ) -> Summary:
     """Caption the images of `sources` into `write`; resumable (a rerun skips what is done), bad files recorded.
@@ -159,7 +159,8 @@ def caption_images(
         prefix, suffix: text put around every caption. seed: of sampled captions (with `do_sample=True`).
         errors: sidecar only: a JSON-lines file the failures are appended to (they are counted either way).
         executor: "local", or "ray": the same job on Ray Data (`ray`: address, actors, GPUs; see `ray_executor`).
-        commit_seconds: results are written at least this far apart (0: every batch; see `engine.run_job`).
+        commit_seconds: locally, results are written at least this far apart (default 1 s; 0: every batch; see
+            `engine.run_job`); with ray, commits go by `ray.commit_rows`.
         options: `model.caption` options: prompt, num_beams, max_new_tokens, min_new_tokens, do_sample,
             temperature, top_p, num_captions, repetition_penalty, length_penalty.
 
@@ -168,6 +169,10 @@ def caption_images(
     """
     if executor not in ("local", "ray"):
         raise InputError(f"executor={executor!r}: use local or ray")
+    if executor == "ray":
+        from .ray_executor import refuse_local_options
+
+        refuse_local_options(commit_seconds=commit_seconds)
     check_job(sources, write, out, ext, errors, recursive, path_column, text_column)
     items = read_sources(sources, recursive, path_column, text_column)
     spec = model  # a name is loaded by each Ray actor on its own node
@@ -188,7 +193,7 @@ def caption_images(
         return run_job_ray(items, recipe, writer, step.processor, batch_size, ray, max_pixels, progress,
                            desc=f"caption -> {write}")
     return run_job(items, step, writer, batch_size, workers, max_pixels, progress, desc=f"caption -> {write}",
-                   commit_seconds=commit_seconds)
+                   commit_seconds=COMMIT_SECONDS if commit_seconds is None else commit_seconds)
 
 
 def check_job(sources: str | Path | Iterable[str | Path], write: str, out: str | Path | None = None,

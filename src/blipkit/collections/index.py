@@ -93,16 +93,21 @@ class Index:
     def add(self, sources: str | Path | Iterable[str | Path], recursive: bool = False, batch_size: int = 32,
             workers: int | None = None, progress: bool = False, path_column: str | None = None,
             text_column: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS, executor: str = "local",
-            ray: RayOptions | None = None, commit_seconds: float = COMMIT_SECONDS) -> Summary:
+            ray: RayOptions | None = None, commit_seconds: float | None = None) -> Summary:
         """Embed and store the images of `sources` not yet in the table; returns the job's Summary.
 
         Sources are files, folders, globs, path lists, Parquet/CSV/JSON-lines tables, `.tar` shards or blipkit
         tables (see `blipkit.collections.readers`). Bad images become rows of the errors table; the job goes on.
         `executor="ray"` runs the same job on Ray Data (`ray`: cluster address, actors, GPUs; see `ray_executor`).
-        Locally, results are committed at least `commit_seconds` apart (0: every batch; see `engine.run_job`).
+        Locally, results are committed at least `commit_seconds` apart (default 1 s; 0: every batch; see
+        `engine.run_job`); with ray, every `ray.commit_rows` rows.
         """
         if executor not in EXECUTORS:
             raise InputError(f"executor={executor!r}: use one of {', '.join(EXECUTORS)}")
+        if executor == "ray":
+            from .ray_executor import refuse_local_options
+
+            refuse_local_options(commit_seconds=commit_seconds)
         items = read_sources(sources, recursive, path_column, text_column)
         if next(iter(items), None) is None:
             raise InputError(f"sources {' '.join(map(str, items.specs))} hold no images"
@@ -125,7 +130,7 @@ class Index:
             return run_job_ray(items, ModelStep(EmbedStep, spec, options, self._dtype), writer, step.processor,
                                batch_size, ray, max_pixels, progress, desc=f"index {self.name}")
         return run_job(items, step, writer, batch_size, workers, max_pixels, progress, desc=f"index {self.name}",
-                       commit_seconds=commit_seconds)
+                       commit_seconds=COMMIT_SECONDS if commit_seconds is None else commit_seconds)
 
     def search_text(self, text: str, k: int = 10, rerank: int = DEFAULT_RERANK, where: str | None = None,
                     **ann) -> list[dict[str, Any]]:

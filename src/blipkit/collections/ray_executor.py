@@ -89,7 +89,8 @@ class ModelStep:
     """A picklable recipe for a step, run in each actor: `step(model, **options)` with the model on the actor's device.
 
     `model` is a name or path for `blipkit.load` (loaded on the actor's node: the files must be there, or on the
-    hub) or a loaded model (shipped to every actor through the object store, in its own dtype).
+    hub) or a loaded model (shipped to every actor through the object store, in its own dtype). Loaded models among
+    the options (e.g. CapFilt's filter) go to the actor's device too.
     """
 
     step: Callable[..., Step]
@@ -108,7 +109,18 @@ class ModelStep:
             model = self.model.to(device)  # already in its dtype
         else:
             model = blipkit.load(self.model, device=device, dtype=self.dtype)
-        return self.step(model.eval(), **self.options)
+        options = {k: v.to(device).eval() if isinstance(v, torch.nn.Module) else v for k, v in self.options.items()}
+        return self.step(model.eval(), **options)
+
+
+LOCAL_ONLY = {"workers": "decoding runs in Ray tasks", "commit_seconds": "commits go by RayOptions(commit_rows=...)"}
+
+
+def refuse_local_options(**given: Any) -> None:
+    """InputError for an option of the local executor (`workers`, `commit_seconds`) given to a Ray job."""
+    for name, value in given.items():
+        if value is not None:
+            raise InputError(f"{name}={value} is for executor='local' (with ray, {LOCAL_ONLY[name]}): drop it")
 
 
 def ray_module():
