@@ -1,7 +1,8 @@
 """The Ray executor of the collection jobs (`--executor ray`): the same table as the local executor (BLIP with every
 column kind, BLIP-2's multivectors), skips before any model call, kill -9 of the driver then resume, a worker that
 dies, bad files, clear errors for an unreachable cluster and misplaced flags; CapFilt's outputs the same from both
-executors, a local run resumed on Ray, the local executor's options refused with Ray. One local Ray for the module."""
+executors, a local run resumed on Ray, the local executor's options refused with Ray; a job into an S3 bucket (a
+local S3-compatible server). One local Ray for the module."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from blipkit.collections.ray_executor import ModelStep, RayOptions, run_job_ray 
 from blipkit.collections.steps import EmbedStep  # noqa: E402
 from blipkit.collections.store import TableWriter, open_table, settings_of  # noqa: E402
 from blipkit.data.scenes import iter_scenes  # noqa: E402
+from tests import test_collections_s3  # noqa: E402
 
 N = 24
 FLOATS = {"embedding": 1e-5, "queries": 1e-5, "label_scores": 1e-5}  # largest absolute difference
@@ -104,6 +106,17 @@ def test_both_executors_write_the_same_table(cluster, scenes, tmp_path, name, op
     assert (local.added, local.failed) == (remote.added, remote.failed) == (N, 0)
     assert remote.extra["rows"] == N and remote.extra["errors"] == 0
     _same_tables(tmp_path / "local", tmp_path / "ray")
+
+
+s3_server, s3 = test_collections_s3.s3_server, test_collections_s3.s3  # a bucket on a local S3-compatible server
+
+
+def test_ray_job_into_a_bucket_writes_the_same_table(cluster, scenes, model, reference, s3):
+    """Only the driver writes: the table goes to the object store as to a directory (the workers never see it)."""
+    uri = f"{s3}/photos"
+    summary = Index(uri, model).add(scenes, batch_size=6, executor="ray", ray=RayOptions(commit_rows=12))
+    assert (summary.added, summary.failed, summary.extra["rows"]) == (N, 0, N)
+    _same_tables(reference, uri)
 
 
 def _forbidden_step():

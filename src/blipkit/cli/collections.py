@@ -79,7 +79,9 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--db", required=True, metavar="DIR", help="the LanceDB database directory")
+    p.add_argument("--db", required=True, metavar="DIR",
+                   help="the LanceDB database: a directory, or s3://BUCKET/PATH (credentials, region and endpoint "
+                        "from the AWS_* environment)")
     p.add_argument("--table", default="images", help="table name (default: images; errors go to TABLE_errors)")
     p.set_defaults(model=None)  # the table's own model unless --model says otherwise
 

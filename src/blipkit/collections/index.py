@@ -35,7 +35,8 @@ class Index:
     """The image table `table` of the LanceDB database `db`, with the model that embeds its images.
 
     Args:
-        db: database directory (created by the first `add`).
+        db: database directory (created by the first `add`), or an object store's URI (`s3://BUCKET/PATH`; see
+            `store`).
         model: a loaded model or a name for `blipkit.load`; None: the model the table was built with (or
             scenes-blip for a new table).
         table: table name; failures go to `{table}_errors`.
@@ -61,10 +62,10 @@ class Index:
     # ------------------------------------------------------------------ model and table
     def _stored(self) -> dict[str, Any] | None:
         """The settings of the table when it exists."""
-        path = Path(self.db).expanduser()
-        if not path.is_dir():
+        db = store.location(self.db)  # a directory or an object store's URI
+        if not store.is_uri(db) and not db.is_dir():
             return None
-        return store.settings_of(store.open_table(path, self.name)) if self.name in store.table_names(path) else None
+        return store.settings_of(store.open_table(db, self.name)) if self.name in store.table_names(db) else None
 
     @property
     def model(self) -> BlipBase:

@@ -6,6 +6,11 @@ done items are skipped without touching their files. Errors go first, then resul
 the failed keys recorded and the good ones to redo, never a row twice. A file edited since it was indexed has a new
 key: its old row is deleted before the new one is added (a crash between loses the row until the rerun adds it).
 
+A database is a local directory or an object-store URI (`s3://BUCKET/PATH`, also `gs://`, `az://`): Lance writes
+there itself, taking credentials, region and endpoint from the environment (`AWS_ACCESS_KEY_ID`,
+`AWS_SECRET_ACCESS_KEY`, `AWS_REGION`, `AWS_ENDPOINT_URL`, `AWS_ALLOW_HTTP` for an S3-compatible store over http).
+Commits stay atomic there: a Lance version is one manifest, put once.
+
 The model that built the table (name, fingerprint) and the columns' settings live in the schema metadata under
 `blipkit`; opening the table with another model is an error, as are column settings the table does not have.
 """
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -42,8 +48,25 @@ def lance_module():
     return lance
 
 
-def connect(db: str | Path, write: bool) -> Path:
-    """A database directory, checked: created for writing, must exist for reading."""
+def is_uri(db: str | Path) -> bool:
+    """Whether `db` names a database in an object store (`s3://...`) rather than a local directory."""
+    return isinstance(db, str) and re.match(r"[a-zA-Z][a-zA-Z0-9+.-]*://", db) is not None \
+        and not db.startswith("file://")
+
+
+def location(db: str | Path) -> Path | str:
+    """Where a database lives: the URI of an object store (no trailing slash) or the local directory."""
+    return db.rstrip("/") if is_uri(db) else Path(db).expanduser()
+
+
+def connect(db: str | Path, write: bool) -> Path | str:
+    """A database, checked: a directory created for writing and that must exist for reading; an object-store URI
+    whose bucket answers (and, for reading, that holds tables)."""
+    if is_uri(db):
+        uri = location(db)
+        if not table_names(uri) and not write:  # listed either way: an unreachable bucket fails here
+            raise InputError(f"no database at '{db}': build one with `blipkit index SOURCES --db {db}`")
+        return uri
     path = Path(db).expanduser()
     if write:
         if path.exists() and not path.is_dir():
@@ -59,17 +82,43 @@ def connect(db: str | Path, write: bool) -> Path:
     return path
 
 
-def table_names(db: Path) -> list[str]:
-    """Tables of a database directory (LanceDB's layout: one NAME.lance directory each)."""
-    return sorted(p.name[: -len(".lance")] for p in db.glob("*.lance") if p.is_dir())
+def table_names(db: Path | str) -> list[str]:
+    """Tables of a database (LanceDB's layout: one NAME.lance directory each)."""
+    if not is_uri(db):
+        return sorted(p.name[: -len(".lance")] for p in db.glob("*.lance") if p.is_dir())
+    import lancedb
+
+    names, token = [], None
+    try:
+        conn = lancedb.connect(db)
+        while True:
+            page = conn.list_tables(page_token=token)
+            names += page.tables
+            token = page.page_token
+            if not token:
+                return sorted(names)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise InputError(f"cannot reach database '{db}' ({_store_error(e)}): check the bucket exists and the AWS_* "
+                         "credentials, region and endpoint in the environment") from None
 
 
-def table_uri(db: Path, name: str) -> str:
+def _store_error(e: BaseException) -> str:
+    """The gist of an object store's error (Lance reports the whole request chain on one line)."""
+    text = str(e)
+    code = re.search(r"<Code>(\w+)</Code>", text)  # S3's own: NoSuchBucket, AccessDenied, InvalidAccessKeyId, ...
+    if code:
+        return code.group(1)
+    if re.search(r"connection refused", text, re.IGNORECASE):
+        return "connection refused"
+    return text.splitlines()[0][:160] if text else type(e).__name__
+
+
+def table_uri(db: Path | str, name: str) -> str:
     """Where table `name` lives in database `db`."""
-    return str(db / f"{name}.lance")
+    return f"{db}/{name}.lance" if is_uri(db) else str(db / f"{name}.lance")
 
 
-def open_table(db: Path, name: str):
+def open_table(db: Path | str, name: str):
     """An existing table as a Lance dataset, or a clear error naming the tables there are."""
     if name not in table_names(db):
         have = ", ".join(n for n in table_names(db) if not n.endswith("_errors")) or "none"
