@@ -4,7 +4,8 @@ multivector search, the cost of a rerun over a fully indexed folder, and the mod
     python benchmarks/bench_collections.py ingest --images 256 --models scenes-blip
     python benchmarks/bench_collections.py ingest --images 24 --models blip-itm-base-coco
     python benchmarks/bench_collections.py search --rows 1000000 --queries 200
-    python benchmarks/bench_collections.py multivector --rows 100000
+    python benchmarks/bench_collections.py multivector --rows 100000 --queries 10
+    python benchmarks/bench_collections.py multivector --rows 100000 --queries 10 --rows-like scenes-blip2-itm
     python benchmarks/bench_collections.py resume --images 10000
     python benchmarks/bench_collections.py paper
 
@@ -122,22 +123,27 @@ def _table(uri: str, column: str, values, dim: int, multivector: int = 0):
     return lance.write_dataset(table, uri, mode="overwrite", max_rows_per_file=1 << 22)
 
 
-def _latencies(ds, column: str, queries: np.ndarray, k: int, **nearest) -> tuple[np.ndarray, np.ndarray, list]:
-    """Wall and CPU milliseconds per query, and the ids found."""
+def _latencies(ds, column: str, queries: np.ndarray, k: int, candidates: int = 0,
+               **nearest) -> tuple[np.ndarray, np.ndarray, list]:
+    """Wall and CPU milliseconds per query, and the ids found. With `candidates`, as blipkit searches a multivector
+    column: that many rows from the index, re-scored exactly (Lance's refine), the best k kept."""
     wall, cpu, ids = [], [], []
     for q in queries:
         t, c = time.perf_counter(), time.process_time()
+        if candidates:
+            nearest = {"k": candidates, "refine_factor": 1}
         r = ds.to_table(columns=["id", "_distance"],
                         nearest={"column": column, "q": q, "k": k, "metric": "cosine", **nearest})
+        found = r.column("id").to_numpy()[np.argsort(r.column("_distance").to_numpy(), kind="stable")[:k]]
         wall.append(time.perf_counter() - t)
         cpu.append(time.process_time() - c)
-        ids.append(r.column("id").to_numpy())
+        ids.append(found)
     return np.array(wall) * 1000, np.array(cpu) * 1000, ids
 
 
 def _report(label: str, wall: np.ndarray, cpu: np.ndarray, recall: float | None = None, target: str = "") -> None:
     rec = f"  recall@10 {recall:.3f}" if recall is not None else ""
-    print(f"{label:<44} p50 {np.percentile(wall, 50):8.2f} ms  p99 {np.percentile(wall, 99):8.2f} ms  (CPU p50 "
+    print(f"{label:<50} p50 {np.percentile(wall, 50):8.2f} ms  p99 {np.percentile(wall, 99):8.2f} ms  (CPU p50 "
           f"{np.percentile(cpu, 50):7.2f} ms, p99 {np.percentile(cpu, 99):7.2f} ms){rec}{target}")
 
 
@@ -174,29 +180,95 @@ def search(args: argparse.Namespace) -> None:
     shutil.rmtree(tmp)
 
 
+def _model_rows(name: str, images: int) -> np.ndarray:
+    """The normalised query vectors (images, Q, D) of a shipped BLIP-2 model on generated scenes."""
+    import blipkit
+    from blipkit.data.scenes import iter_scenes
+
+    model = blipkit.load(name).eval()
+    size = model.config.vision_config.image_size
+    scenes = [s.image for s in iter_scenes(images, seed=3, image_size=size)]
+    with torch.no_grad():
+        out = [model.encode_images(model.image_features(model.pixels(scenes[s : s + 64]))).float()
+               for s in range(0, len(scenes), 64)]
+    return torch.cat(out).numpy()
+
+
+def _structure(vectors: np.ndarray) -> str:
+    """How alike a row's vectors are: mean cosine of two vectors of one row; per query index, the mean cosine of
+    that vector across two rows (1: a query that is the same for every image)."""
+    n, q, _ = vectors.shape
+    half = min(n // 2, 1000)
+    a, b = vectors[:half], vectors[half : 2 * half]
+    pairs = np.triu_indices(q, 1)
+    within = np.einsum("nqd,npd->nqp", a, a)[:, pairs[0], pairs[1]]
+    across = np.einsum("nqd,nqd->nq", a, b).mean(0)  # row i vs row half + i, same query index
+    return (f"within a row: cosine of two vectors mean {within.mean():.3f} (p5 {np.percentile(within, 5):.3f}, "
+            f"p95 {np.percentile(within, 95):.3f}); same query index across rows: "
+            f"{' '.join(f'{x:.2f}' for x in np.sort(across))}")
+
+
+def _fitted_rows(real: np.ndarray, rows: int, rng: np.random.Generator) -> np.ndarray:
+    """`rows` rows drawn from a Gaussian fitted to real rows (mean and full covariance of a row's Q x D values),
+    each vector then normalised: rows alike within themselves as the model's are, in the model's own shape."""
+    n, q, d = real.shape
+    flat = real.reshape(n, q * d).astype(np.float64)
+    mean = flat.mean(0)
+    vals, vecs = np.linalg.eigh(np.cov(flat, rowvar=False))
+    keep = vals > 1e-9
+    basis = (vecs[:, keep] * np.sqrt(vals[keep])).T.astype(np.float32)  # (r, Q*D)
+    out = np.empty((rows, q, d), dtype=np.float32)
+    for s in range(0, rows, 20_000):
+        m = min(20_000, rows - s)
+        x = (mean + rng.normal(size=(m, len(basis))).astype(np.float32) @ basis).reshape(m, q, d)
+        out[s : s + m] = x / np.linalg.norm(x, axis=2, keepdims=True)
+    return out
+
+
 def multivector(args: argparse.Namespace) -> None:
-    """MaxSim search over `rows` x 32 query vectors (BLIP-2) with one text vector as the query: Lance's exact
-    multivector search against numpy's MaxSim."""
+    """MaxSim search over `rows` x Q query vectors (BLIP-2) with one text vector as the query, against numpy's
+    MaxSim: Lance's exact multivector search, then the index blipkit builds searched as `search_text` does.
+
+    Rows: `independent` (Q random vectors a row around 2,000 centres, Q x dim as given), or like a shipped BLIP-2
+    model's (`--rows-like scenes-blip2-itm`: its query vectors on `--fit-images` generated scenes are measured, then
+    rows are drawn from a Gaussian fitted to them, in the model's own Q x D). Queries: a random vector of a random row
+    plus noise (0.02 a dimension), normalised.
+    """
+    from blipkit.collections.search import DEFAULT_REFINE, multivector_candidates
+
     rng = np.random.default_rng(1)
     tmp = Path(tempfile.mkdtemp())
-    vectors = _clustered(args.rows * 32, args.dim, rng).reshape(args.rows, 32, args.dim)
-    ds = _table(str(tmp / "mv.lance"), "queries", vectors, args.dim, multivector=32)
-    queries = vectors[rng.integers(0, args.rows, args.queries), rng.integers(0, 32, args.queries)]
+    if args.rows_like == "independent":
+        vectors = _clustered(args.rows * 32, args.dim, rng).reshape(args.rows, 32, args.dim)
+    else:
+        real = _model_rows(args.rows_like, args.fit_images)
+        print(f"{args.rows_like} on {args.fit_images} generated scenes ({real.shape[1]} x {real.shape[2]}): "
+              f"{_structure(real)}")
+        vectors = _fitted_rows(real, args.rows, rng)
+    n, q, dim = vectors.shape
+    print(f"rows ({args.rows_like}, {n} x {q} x {dim}): {_structure(vectors)}")
+    ds = _table(str(tmp / "mv.lance"), "queries", vectors, dim, multivector=q)
+    queries = vectors[rng.integers(0, n, args.queries), rng.integers(0, q, args.queries)]
     queries = queries + 0.02 * rng.normal(size=queries.shape).astype(np.float32)
     queries /= np.linalg.norm(queries, axis=1, keepdims=True)
-    exact = [np.argsort(-np.einsum("nqd,d->nq", vectors, q).max(1))[:10] for q in queries]
-    wall, cpu, ids = _latencies(ds, "queries", queries, 10, use_index=False)
-    _report(f"multivector {args.rows} x 32 x {args.dim}, exact MaxSim", wall, cpu, _recall(ids, exact))
-    if args.ann != "none":  # the index `blipkit index` builds on a BLIP-2 table, searched with its defaults
-        from blipkit.collections.search import DEFAULT_REFINE
+    exact = [np.argsort(-np.einsum("nqd,d->nq", vectors, x).max(1))[:10] for x in queries]
+    if args.exact_queries:
+        wall, cpu, ids = _latencies(ds, "queries", queries[: args.exact_queries], 10, use_index=False)
+        _report("exact MaxSim (Lance, no index)", wall, cpu, _recall(ids, exact))
+    if args.ann != "none":  # the index `blipkit index` builds on a BLIP-2 table
         from blipkit.collections.store import ensure_index
 
         t = time.perf_counter()
-        kind = ensure_index(ds, {"dim": args.dim, "queries": 32}, args.ann)
+        kind = ensure_index(ds, {"dim": dim, "queries": q}, args.ann)
         print(f"{kind} build on the multivector column: {time.perf_counter() - t:.0f} s")
         ds = type(ds)(ds.uri)
         wall, cpu, ids = _latencies(ds, "queries", queries, 10, refine_factor=DEFAULT_REFINE)
-        _report(f"multivector {args.rows} x 32, {kind} refine {DEFAULT_REFINE}", wall, cpu, _recall(ids, exact))
+        _report(f"{kind} k 10, Lance refine {DEFAULT_REFINE} (before)", wall, cpu, _recall(ids, exact))
+        default = multivector_candidates(10)
+        for candidates in sorted({*args.candidates, default}):
+            wall, cpu, ids = _latencies(ds, "queries", queries, 10, candidates=candidates)
+            label = f"{kind} {candidates} candidates, exact MaxSim" + (" (default)" if candidates == default else "")
+            _report(label, wall, cpu, _recall(ids, exact), "  (target: recall >= 0.95)")
     shutil.rmtree(tmp)
 
 
@@ -277,8 +349,13 @@ def main() -> None:
     s.add_argument("--ann", default="ivf_pq", choices=["ivf_pq", "hnsw"])
     s = sub.add_parser("multivector")
     s.add_argument("--rows", type=int, default=100_000)
-    s.add_argument("--dim", type=int, default=256)
+    s.add_argument("--dim", type=int, default=256, help="vector width of independent rows")
+    s.add_argument("--rows-like", default="independent", choices=["independent", "scenes-blip2-itm"],
+                   help="independent random vectors (32 a row), or rows fitted to this model's query vectors")
+    s.add_argument("--fit-images", type=int, default=2000, help="generated scenes the fit measures")
     s.add_argument("--queries", type=int, default=20)
+    s.add_argument("--exact-queries", type=int, default=3, help="queries timed without the index (slow)")
+    s.add_argument("--candidates", type=int, nargs="*", default=[200, 400, 1600], help="candidate rows to compare")
     s.add_argument("--ann", default="ivf_pq", choices=["none", "ivf_pq", "hnsw"], help="also with this index")
     s = sub.add_parser("resume")
     s.add_argument("--images", type=int, default=10_000)
