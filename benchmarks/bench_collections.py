@@ -1,11 +1,13 @@
 """Collections: ingestion overhead of `Index.add` over the model's own forward, ANN search latency and recall,
-multivector search, the cost of a rerun over a fully indexed folder, and the model on paper.
+multivector search, sampled bulk captions batched vs one image at a time, the cost of a rerun over a fully indexed
+folder, and the model on paper.
 
     python benchmarks/bench_collections.py ingest --images 256 --models scenes-blip
     python benchmarks/bench_collections.py ingest --images 24 --models blip-itm-base-coco
     python benchmarks/bench_collections.py search --rows 1000000 --queries 200
     python benchmarks/bench_collections.py multivector --rows 100000 --queries 10
     python benchmarks/bench_collections.py multivector --rows 100000 --queries 10 --rows-like scenes-blip2-itm
+    python benchmarks/bench_collections.py caption --images 64 --batch-size 16
     python benchmarks/bench_collections.py resume --images 10000
     python benchmarks/bench_collections.py paper
 
@@ -272,6 +274,53 @@ def multivector(args: argparse.Namespace) -> None:
     shutil.rmtree(tmp)
 
 
+@torch.no_grad()
+def caption(args: argparse.Namespace) -> None:
+    """Sampled captions/s of `CaptionStep` (the batch decoded at once, one generator per image) against one image at
+    a time from torch's seeded generator (how sampled bulk captions ran before), on the same decoded images, in
+    interleaved rounds; the captions of both sides must be equal."""
+    import blipkit
+    from blipkit.collections import CaptionStep, decode_batch, read_sources
+    from blipkit.collections.caption import item_seed
+
+    torch.set_num_threads(args.threads)
+    tmp = Path(tempfile.mkdtemp())
+    _scenes(tmp / "imgs", args.images)
+    for name in args.models:
+        model = blipkit.load(name)
+        options = {"do_sample": True, "top_p": 0.9, "max_new_tokens": args.max_new_tokens}
+        step = CaptionStep(model, seed=1, **options)
+        decoded = decode_batch(list(read_sources(tmp / "imgs")), model.processor)
+        batches = [decoded[s : s + args.batch_size] for s in range(0, len(decoded), args.batch_size)]
+
+        def one_at_a_time(batch, model=model, options=options):
+            feats = model.image_features(torch.from_numpy(np.stack([d.pixels for d in batch])))
+            out = []
+            for i, d in enumerate(batch):
+                with torch.random.fork_rng():
+                    torch.manual_seed(item_seed(1, d.item.key))
+                    out += model.caption(feats[i : i + 1], **options)
+            return out
+
+        step(batches[0])  # warm-up
+        times: dict[str, list[float]] = {"batched": [], "alone": []}
+        for _ in range(args.rounds):
+            for side in times:
+                t = time.perf_counter()
+                got = [c for b in batches for c in (step(b)["caption"] if side == "batched" else one_at_a_time(b))]
+                times[side].append(time.perf_counter() - t)
+                if side == "batched":
+                    batched = got
+                else:
+                    assert got == batched, "batched sampling must give the captions of one image at a time"
+        b, a = np.median(times["batched"]), np.median(times["alone"])
+        print(f"caption {name:<18} {len(decoded)} images, batch {args.batch_size}, nucleus top_p 0.9, "
+              f"<= {args.max_new_tokens} tokens, {args.threads} thread(s), median of {args.rounds} rounds: "
+              f"one at a time {len(decoded) / a:6.1f} captions/s, batched {len(decoded) / b:6.1f} captions/s "
+              f"({a / b:.2f}x); captions equal")
+    shutil.rmtree(tmp)
+
+
 def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
@@ -357,6 +406,13 @@ def main() -> None:
     s.add_argument("--exact-queries", type=int, default=3, help="queries timed without the index (slow)")
     s.add_argument("--candidates", type=int, nargs="*", default=[200, 400, 1600], help="candidate rows to compare")
     s.add_argument("--ann", default="ivf_pq", choices=["none", "ivf_pq", "hnsw"], help="also with this index")
+    s = sub.add_parser("caption")
+    s.add_argument("--images", type=int, default=64)
+    s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--models", nargs="+", default=["scenes-blip", "scenes-blip2-opt"])
+    s.add_argument("--max-new-tokens", type=int, default=20)
+    s.add_argument("--threads", type=int, default=1)
+    s.add_argument("--rounds", type=int, default=3)
     s = sub.add_parser("resume")
     s.add_argument("--images", type=int, default=10_000)
     s.add_argument("--workers", type=int, default=None)
@@ -366,7 +422,8 @@ def main() -> None:
     s.add_argument("--cpu-gflops", type=float, default=50, help="what one core sustains in float32 matmuls")
     s.add_argument("--decode-ms", type=float, default=10, help="CPU ms to decode and resize one photo")
     args = p.parse_args()
-    {"ingest": ingest, "search": search, "multivector": multivector, "resume": resume, "paper": paper}[args.what](args)
+    {"ingest": ingest, "search": search, "multivector": multivector, "caption": caption, "resume": resume,
+     "paper": paper}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ pytest.importorskip("lance")
 import blipkit  # noqa: E402
 from blipkit.cli import main  # noqa: E402
 from blipkit.collections import CaptionStep, caption_images, decode_batch, read_sources  # noqa: E402
+from blipkit.collections.caption import item_seed  # noqa: E402
 from blipkit.data.scenes import iter_scenes  # noqa: E402
 from blipkit.errors import InputError  # noqa: E402
 
@@ -96,6 +97,26 @@ def test_batched_captions_equal_one_image_at_a_time(scenes, name, options):
     if options.get("do_sample"):  # the draws follow the seed and the key
         other = CaptionStep(m, seed=6, **options)(decoded)
         assert other["caption"] != together["caption"]
+
+
+@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(picks=st.lists(st.integers(0, 6), min_size=1, max_size=5, unique=True), seed=st.integers(0, 2**63 - 1),
+       captions=st.sampled_from([1, 2]), top_p=st.sampled_from([0.5, 0.9, 1.0]), opt=st.booleans())
+def test_sampled_batch_draws_each_image_from_its_own_generator(scenes, picks, seed, captions, top_p, opt):
+    """Sampling decodes the batch at once; any batch (subset, order) gives each image the captions it gets alone,
+    and the ones a job drew image by image from torch's seeded generator before batched sampling (so captions
+    written by earlier runs stay what a rerun would write)."""
+    m = _load("scenes-blip2-opt" if opt else "scenes-blip")
+    options = {"do_sample": True, "top_p": top_p, "num_captions": captions, "max_new_tokens": 10}
+    step = CaptionStep(m, seed=seed, **options)
+    decoded = decode_batch(list(read_sources(scenes))[:7], m.processor)
+    batch = [decoded[i] for i in picks]
+    together = step(batch)
+    for d, caption in zip(batch, together["caption"], strict=True):
+        with torch.random.fork_rng():
+            torch.manual_seed(item_seed(seed, d.item.key))
+            before = m.caption(torch.from_numpy(d.pixels)[None], **options)[0]
+        assert caption == (before if isinstance(before, str) else before[0]) == step([d])["caption"][0]
 
 
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -7,9 +7,8 @@ from any reader into caption sidecar files, a JSON-lines file, a Parquet file or
 
 Beam search and greedy decoding run a whole batch at once and give the captions one image at a time gives (the
 model's decoding keeps each row to itself; tested with beams, several captions and prompts of unequal length). Nucleus
-sampling draws each image's tokens from its own generator, seeded by `seed` and the item's key: a caption does not
-depend on the batch it fell in, the order, or a resume. The ViT runs batched; the sampled decoding runs image by
-image (a batched draw would share one random stream between the images of a batch).
+sampling draws each image's tokens from its own generator (`caption(generator=[...])`), seeded by `seed` and the
+item's key: a caption does not depend on the batch it fell in, the order, or a resume; the batch decodes at once.
 """
 
 from __future__ import annotations
@@ -106,14 +105,9 @@ class CaptionStep:
         x = pixels(batch).to(m.device, m.dtype)
         if not self.options["do_sample"]:
             raw = m.caption(x, **self.options)
-        else:
-            feats = m.image_features(x)  # the ViT batched; then each image draws from its own generator
-            devices = [m.device] if m.device.type == "cuda" else []
-            raw = []
-            for i, d in enumerate(batch):
-                with torch.random.fork_rng(devices=devices):
-                    torch.manual_seed(item_seed(self.seed, d.item.key))
-                    raw += m.caption(feats[i : i + 1], **self.options)
+        else:  # the batch at once, each image drawing from its own generator
+            gens = [torch.Generator(m.device).manual_seed(item_seed(self.seed, d.item.key)) for d in batch]
+            raw = m.caption(x, generator=gens, **self.options)
         every = [[c] if isinstance(c, str) else list(c) for c in raw]
         every = [[self.prefix + c + self.suffix for c in cs] for cs in every]
         out: dict[str, Any] = {"caption": [cs[0] for cs in every]}
