@@ -325,10 +325,48 @@ def test_bad_files_become_error_records(bad_folder, model, write, tmp_path):
     assert all(reasons[name].startswith(start) for name, start in BAD.items())
     again = caption_images(folder, model, write=write, out=out[write], errors=errors, batch_size=2, workers=0,
                            max_new_tokens=6)
-    if write == "sidecar":  # caption files are the only state: bad files are tried again (no model call)
-        assert (again.added, again.skipped, again.failed) == (0, 2, 4)
-    else:  # error records are final for their key
-        assert (again.added, again.skipped, again.failed) == (0, 6, 0)
+    assert (again.added, again.skipped, again.failed) == (0, 6, 0)  # error records are final for their key
+    if write == "sidecar":
+        assert sorted(p.name for p in folder.glob(".*.caption-error")) == sorted(f".{n}.caption-error" for n in BAD)
+
+
+def test_sidecar_rerun_skips_known_bad_files_until_they_change(bad_folder, model, tmp_path, monkeypatch):
+    """Sidecar failures are state (a marker next to each bad image): a rerun decodes nothing; an image edited since
+    (a new key) is tried again, and a bad image made good loses its marker."""
+    from blipkit.collections import engine
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for p in bad_folder.iterdir():
+        (folder / p.name).write_bytes(p.read_bytes())
+    decoded: list[str] = []
+    real = engine.decode_batch
+
+    def counted(batch, *args, **kwargs):
+        decoded.extend(Path(item.path).name for item in batch)
+        return real(batch, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "decode_batch", counted)
+
+    def run(**options):
+        return caption_images(folder, model, write="sidecar", batch_size=2, workers=0, max_new_tokens=6, **options)
+
+    first = run()
+    assert (first.added, first.failed) == (2, 4) and sorted(decoded) == sorted([*BAD, "good0.png", "good1.png"])
+    decoded.clear()
+    again = run()
+    assert (again.added, again.skipped, again.failed) == (0, 6, 0) and decoded == []  # nothing decoded again
+    (folder / "zero.png").write_bytes((bad_folder / "good1.png").read_bytes())  # fixed: a new size and mtime
+    with open(folder / "text.jpg", "a") as f:
+        f.write(" still not an image")  # edited, still bad
+    third = run()
+    assert sorted(decoded) == ["text.jpg", "zero.png"]
+    assert (third.added, third.skipped, third.failed) == (1, 4, 1)
+    assert (folder / "zero.txt").is_file() and not (folder / ".zero.png.caption-error").exists()
+    assert json.loads((folder / ".text.jpg.caption-error").read_text())["reason"].startswith(BAD["text.jpg"])
+    decoded.clear()
+    over = run(overwrite=True)
+    assert (over.added, over.failed) == (3, 3) and len(decoded) == 6  # --overwrite tries everything again
 
 
 def test_tar_shards_caption_to_jsonl_and_refuse_sidecars(scenes, model, tmp_path):

@@ -5,7 +5,10 @@ failures)` commits one batch so that a `kill -9` loses at most the batch in flig
 
 - `SidecarWriter`: `IMAGE.png` -> `IMAGE.txt` (`ext`), each file written to a temporary name and renamed into place,
   so a caption file is whole or absent. The files are the resume state: an image whose caption file exists is done
-  (unless `overwrite`). Failures are kept for the summary and, with `errors=FILE`, appended there as JSON lines.
+  (unless `overwrite`). So are failures: a bad image gets a hidden marker next to it, `.IMAGE.png.caption-error`
+  (JSON: its key and the reason), and a rerun skips it while its key (path, size, mtime) is the same; an image
+  edited since is tried again, and its marker goes once it is captioned. Failures are kept for the summary and,
+  with `errors=FILE`, appended there as JSON lines.
 - `JsonlWriter`: one JSON object a line, `{"key", "path", "width", "height", "text", <columns>}` or
   `{"key", "path", "error"}`; a batch is one `write` + fsync. A torn last line (a kill inside the write) is cut off
   when the file is opened again; keys of the lines there are done.
@@ -34,6 +37,7 @@ from .engine import key_hash
 from .readers import Item, file_of_key
 
 FAILURES_KEPT = 1000  # failures a sidecar job lists in its summary (all go to the errors file)
+ERROR_SUFFIX = ".caption-error"  # the marker of an image a sidecar job could not caption (see `error_marker`)
 
 
 def _hash_array(keys: Iterable[str]) -> np.ndarray:
@@ -115,6 +119,20 @@ def sidecar_path(item: Item, ext: str) -> Path:
     return Path(os.path.splitext(item.path)[0] + ext)
 
 
+def error_marker(path: str) -> Path:
+    """The hidden file next to an image that records why it failed: `.NAME.caption-error`."""
+    image = Path(path)
+    return image.with_name(f".{image.name}{ERROR_SUFFIX}")
+
+
+def _known_failure(key: str) -> bool:
+    """Whether the image of `key` failed before as it is now (its marker holds this very key)."""
+    try:
+        return json.loads(error_marker(file_of_key(key)).read_text("utf-8"))["key"] == key
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
 class SidecarItems:
     """The items of a reader, with those that cannot have a caption file of their own marked as errors.
 
@@ -170,15 +188,15 @@ class SidecarWriter:
         return SidecarItems(items, self.ext, self.refused)
 
     def done(self, keys: list[str]) -> list[bool]:
-        """Whether each image's caption file exists already (never, with overwrite).
+        """Whether each image has its caption file already, or failed before unchanged (never, with overwrite).
 
         A file's key starts with its absolute path (see `readers`). Items `items()` refused (tar members, a caption
         file two images would share) are never done: they fail again, before any decode.
         """
         if self.overwrite:
             return [False] * len(keys)
-        return [key_hash(k) not in self.refused and Path(os.path.splitext(file_of_key(k))[0] + self.ext).is_file()
-                for k in keys]
+        return [key_hash(k) not in self.refused and (Path(os.path.splitext(file_of_key(k))[0] + self.ext).is_file()
+                                                     or _known_failure(k)) for k in keys]
 
     def write(self, batch: list[Decoded], columns: dict[str, Any], failures: list[Failure]) -> None:
         """Write each caption file (atomically), and record the failures."""
@@ -189,7 +207,16 @@ class SidecarWriter:
             except OSError as e:
                 raise InputError(f"cannot write caption file '{path}' ({e.strerror or e}): make the folder writable "
                                  "or use --write jsonl / parquet / table") from None
+            error_marker(d.item.path).unlink(missing_ok=True)  # failed before, edited since: no longer bad
             self.written += 1
+        for f in failures:  # remembered next to the image (refused items fail again without a decode)
+            if key_hash(f.item.key) not in self.refused and os.path.isfile(f.item.path):
+                marker = error_marker(f.item.path)
+                try:
+                    _atomic_write(marker, _json_line({"key": f.item.key, "reason": f.reason}))
+                except OSError as e:
+                    raise InputError(f"cannot write error marker '{marker}' ({e.strerror or e}): make the folder "
+                                     "writable or use --write jsonl / parquet / table") from None
         if failures:
             self.failed += len(failures)
             self.failures += [{"path": f.item.path, "reason": f.reason}
