@@ -2,7 +2,7 @@
 
 - Text -> images: the text's ITC embedding against `embedding` (BLIP) or, for BLIP-2, against the `queries`
   multivector column, where LanceDB's MaxSim of one query vector is the best query's cosine: BLIP-2's ITC.
-  The best max(rerank, k) are re-scored as in BLIP's retrieval protocol (`train.eval.itm_scorer`): final score =
+  The best max(rerank, k) are re-scored as in BLIP's retrieval protocol (`tasks.ranking.itm_scorer`): final score =
   ITM "match" logit + ITC similarity. Their patch features come from the `features` column when the table has it,
   else the candidates' images are decoded and encoded again (batched).
 - Image -> images: ITC only (ITM scores image-text pairs): cosine of the embeddings (BLIP) or the mean over the
@@ -19,7 +19,7 @@ import torch
 from ..base import BlipBase
 from ..errors import InputError
 from ..tasks.common import encode_texts
-from ..train.eval import itm_scorer
+from ..tasks.ranking import itm_scorer
 from .decode import Decoded, decode
 from .engine import pixels
 from .readers import item_of_path

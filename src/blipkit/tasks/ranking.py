@@ -12,11 +12,12 @@ only, and final score = ITM "match" logit + ITC cosine similarity. Every hit car
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from ..base import BlipBase
 from ..errors import CapabilityError, InputError
@@ -167,3 +168,24 @@ def rank_images(
     check_nonempty(images, "images")
     gallery = Collection(model, images=images, batch_size=batch_size, progress=progress)
     return gallery.search_images(text, check_top(k, len(images)), check_top(top_n, len(images), "top_n"), head)
+
+
+def itm_scorer(model: BlipBase, feats: Tensor, texts: list[str]) -> Callable[[Tensor, Tensor], Tensor]:
+    """A pair scorer for `rerank`: the ITM "match" logits of the pairs (feats[image_rows[n]], texts[text_rows[n]]).
+
+    Pairs are grouped by image and go through `model.itm_logits` one image at a time, so each image's features and
+    cross-attention keys / values are computed once however many of its pairs are scored.
+    """
+
+    @torch.no_grad()
+    def score(image_rows: Tensor, text_rows: Tensor) -> Tensor:
+        out = torch.empty(len(image_rows))
+        order = image_rows.argsort(stable=True)
+        groups = order.split(torch.bincount(image_rows, minlength=len(feats)).tolist())
+        for i, at in enumerate(groups):
+            if len(at):
+                logits = model.itm_logits(feats[i : i + 1], [texts[t] for t in text_rows[at].tolist()])  # (1, n, 2)
+                out[at] = logits[0, :, 1].float().cpu()
+        return out
+
+    return score

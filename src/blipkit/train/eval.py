@@ -29,6 +29,7 @@ from ..base import BlipBase
 from ..data.readers import Item, Loaded, load_items
 from ..errors import InputError
 from ..tasks.common import itc_scores
+from ..tasks.ranking import itm_scorer
 from .metrics import bleu, cider_d, recall_at, vqa_accuracy
 from .scene_metrics import colour_shape_accuracy, pointing_accuracy
 from .tags import read_boxes
@@ -40,27 +41,6 @@ def itc_matrix(model: BlipBase, feats: Tensor, texts: list[str], batch_size: int
     img = torch.cat([model.encode_images(feats[s : s + batch_size]).float() for s in range(0, len(feats), batch_size)])
     txt = torch.cat([model.encode_texts(texts[s : s + batch_size]).float() for s in range(0, len(texts), batch_size)])
     return itc_scores(img, txt).cpu()  # (Ni, Nt)
-
-
-def itm_scorer(model: BlipBase, feats: Tensor, texts: list[str]) -> Callable[[Tensor, Tensor], Tensor]:
-    """A pair scorer for `rerank`: the ITM "match" logits of the pairs (feats[image_rows[n]], texts[text_rows[n]]).
-
-    Pairs are grouped by image and go through `model.itm_logits` one image at a time, so each image's features and
-    cross-attention keys / values are computed once however many of its pairs are scored.
-    """
-
-    @torch.no_grad()
-    def score(image_rows: Tensor, text_rows: Tensor) -> Tensor:
-        out = torch.empty(len(image_rows))
-        order = image_rows.argsort(stable=True)
-        groups = order.split(torch.bincount(image_rows, minlength=len(feats)).tolist())
-        for i, at in enumerate(groups):
-            if len(at):
-                logits = model.itm_logits(feats[i : i + 1], [texts[t] for t in text_rows[at].tolist()])  # (1, n, 2)
-                out[at] = logits[0, :, 1].float().cpu()
-        return out
-
-    return score
 
 
 def rerank(
