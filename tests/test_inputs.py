@@ -408,3 +408,20 @@ def test_any_answer_options_answer_or_error(blip, opt, options, answers):
         assert len(out) == 1 and isinstance(out[0], str)
     except BlipkitError:
         pass
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.text(st.characters(blacklist_categories=("Cs",)), max_size=6))
+def test_one_blank_rule_for_the_api_the_command_line_and_the_server(text):
+    """The command line's and the server's checks refuse exactly the texts the models' tokenizer check refuses."""
+    from blipkit.processing.tokenizer import check_text as model_check
+    from blipkit.tasks.inputs import check_text as cli_check
+
+    def refused(check) -> bool:
+        try:
+            check(text, "text")
+        except InputError:
+            return True
+        return False
+
+    assert refused(cli_check) == refused(model_check)

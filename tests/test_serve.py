@@ -280,6 +280,7 @@ def test_texts_and_options_are_checked(client):
         ("/api/match", {"texts": [f"text {i}" for i in range(65)]}, "texts", "at most 64"),
         ("/api/match", {"texts": ["a red circle", long]}, "texts", "characters"),
         ("/api/match", {"texts": ["  "]}, "texts", "blank"),
+        ("/api/match", {"texts": ["a red circle", "\u200b\x00 "]}, "texts", "texts[1] is blank"),
         ("/api/match", {"texts": TEXTS, "colour": "red"}, "colour", "Extra inputs"),
         ("/api/match", {}, "texts", "Field required"),
         ("/api/caption", {"num_beams": "0"}, "num_beams", "greater than or equal to 1"),

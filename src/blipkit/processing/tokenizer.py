@@ -134,6 +134,12 @@ def _bpe_backend(vocab_file: Path, merges_file: Path, config: dict[str, Any]) ->
 _BLANK_CATEGORIES = ("Cc", "Cf", "Zs", "Zl", "Zp")  # control, format (e.g. zero-width space), separators
 
 
+def is_blank(text: str) -> bool:
+    """True when `text` has no visible character: only spaces, control and format characters (the tokenizers drop
+    those, so such a text would become an empty one). The one blank rule of the package."""
+    return all(c.isspace() or unicodedata.category(c) in _BLANK_CATEGORIES for c in text)
+
+
 def check_text(text: object, name: str) -> None:
     """Raise InputError unless `text` is a string with a visible character that encodes as UTF-8.
 
@@ -147,7 +153,7 @@ def check_text(text: object, name: str) -> None:
     except UnicodeEncodeError as e:
         raise InputError(f"{name} is not valid Unicode (character {e.start} is a lone surrogate "
                          f"{text[e.start]!r}): pass text decoded as UTF-8") from e
-    if all(c.isspace() or unicodedata.category(c) in _BLANK_CATEGORIES for c in text):
+    if is_blank(text):
         raise InputError(f"{name} ({text[:40]!r}) is blank: pass text with visible characters")
 
 

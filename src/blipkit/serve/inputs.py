@@ -26,6 +26,7 @@ from starlette.responses import JSONResponse
 
 from ..errors import BlipkitError, CapabilityError, InputError
 from ..processing import load_image
+from ..processing.tokenizer import is_blank
 
 #: image formats a request may carry (no EPS/PDF/...: those would run external programs)
 FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF", "PPM")
@@ -277,7 +278,7 @@ def check_texts(texts: list[str] | None, field: str, limits: Limits, required: b
     if len(texts) > limits.max_texts:
         raise ApiError(422, f"{field}: {len(texts)} given, at most {limits.max_texts} per request", field)
     for i, t in enumerate(texts):
-        if not t.strip():
+        if is_blank(t):
             raise ApiError(422, f"{field}[{i}] is blank: every one needs some words", field)
         if len(t) > limits.max_text_chars:
             raise ApiError(422, f"{field}[{i}] has {len(t)} characters, more than {limits.max_text_chars}", field)

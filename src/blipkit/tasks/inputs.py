@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..errors import InputError
+from ..processing.tokenizer import is_blank
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
@@ -51,7 +52,7 @@ def check_text(text: str, what: str = "text") -> str:
     bad = next((c for c in text if 0xD800 <= ord(c) <= 0xDFFF), None)
     if bad is not None:  # what Python makes of bytes that are not UTF-8 (command lines, file names)
         raise InputError(f"{what} {text!r:.60} is not valid UTF-8 (it holds {bad!r}): pass UTF-8 text")
-    if not any(c.isprintable() and not c.isspace() for c in text):
+    if is_blank(text):
         raise InputError(f"{what} {text!r:.60} is blank: every text needs some words")
     return text
 
