@@ -24,7 +24,9 @@ def add_executor_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gpus-per-actor", type=float, default=0.0,
                    help="GPUs per actor (fractions share a GPU; default 0: CPU)")
     g.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs per actor, its torch threads (default 1)")
-    g.add_argument("--commit-rows", type=int, help="rows per table commit with ray (default: --batch-size)")
+    g.add_argument("--commit-rows", type=int,
+                   help="rows per commit with ray: a table version, or a capfilt part (default: --batch-size); "
+                        "--commit-seconds and --workers are for --executor local")
 
 
 def executor_options(args: argparse.Namespace):
