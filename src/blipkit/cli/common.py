@@ -217,10 +217,3 @@ def add_commit_seconds(p, default: float | None = None) -> None:
     p.add_argument("--commit-seconds", type=number(0, 86400), default=default,
                    help=f"commit results at least this far apart (default {COMMIT_SECONDS:g}; 0: every batch); a kill "
                         "loses at most that much work")
-
-
-def commit_seconds(args: argparse.Namespace) -> float:
-    """The --commit-seconds given, else the engine's default."""
-    from ..collections.engine import COMMIT_SECONDS
-
-    return COMMIT_SECONDS if args.commit_seconds is None else args.commit_seconds
