@@ -150,6 +150,15 @@ def test_rerun_with_another_threshold_rewrites_outputs_only(noisy_scenes, shippe
     with pytest.raises(InputError, match="samples=2, not 3"):
         capfilt(noisy_scenes / "annotations" / "train_web.json", out, samples=3, image_root=noisy_scenes,
                 progress=False)
+    # a directory whose samples were seeded per batch (no "seeding" entry) is not resumed with per-image samples
+    older = out.parent / "older"
+    older.mkdir()
+    record = json.loads((out / "capfilt.json").read_text())
+    del record["settings"]["seeding"]
+    (older / "capfilt.json").write_text(json.dumps(record))
+    with pytest.raises(InputError, match="seeding=None, not 'per-image'"):
+        capfilt(noisy_scenes / "annotations" / "train_web.json", older, samples=2, min_new_tokens=1,
+                image_root=noisy_scenes, progress=False)
 
 
 # ------------------------------------------------------------------------------------------------- resume

@@ -457,7 +457,7 @@ def _check_settings(out: Path, settings: dict[str, Any]) -> None:
     except (OSError, ValueError, KeyError, TypeError):
         raise InputError(f"{path} is not a capfilt settings file: pass an empty or earlier capfilt --out") from None
     fixed = ("captioner", "captioner_fingerprint", "filter", "filter_fingerprint", "samples", "decoding", "top_p",
-             "min_new_tokens", "max_new_tokens", "num_beams", "seed")
+             "min_new_tokens", "max_new_tokens", "num_beams", "seed", "seeding")
     diff = [k for k in fixed if stored.get(k) != settings.get(k)]
     if diff:
         k = diff[0]
@@ -538,7 +538,10 @@ def capfilt(
                 "filter": str(filt.name_or_path), "filter_fingerprint": model_fingerprint(filt), "samples": samples,
                 "decoding": decoding, "top_p": top_p if decoding == "nucleus" else None,
                 "min_new_tokens": min_new_tokens, "max_new_tokens": max_new_tokens,
-                "num_beams": num_beams if decoding == "beam" else None, "seed": seed}
+                "num_beams": num_beams if decoding == "beam" else None, "seed": seed,
+                # sampled captions draw from one generator per image (seed + key); a directory written when the
+                # samples were seeded per batch has no such entry and is refused rather than mixed
+                "seeding": "per-image" if samples and decoding == "nucleus" else None}
     _check_settings(out, settings)
     out.mkdir(parents=True, exist_ok=True)
     (out / SETTINGS_FILE).write_text(json.dumps({"settings": settings, "annotations": str(ann.source)}, indent=1))
