@@ -140,5 +140,6 @@ def add_commands(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--where", metavar="SQL", help="SQL filter on the table's columns, e.g. \"path LIKE '%%/cats/%%'\"")
     p.add_argument("--nprobes", type=int, help="ANN partitions to probe (more: better recall, slower)")
     p.add_argument("--refine-factor", type=int,
-                   help="ANN candidates re-scored exactly with the stored vectors, as a multiple of k (default 20)")
+                   help="ANN candidates re-scored exactly with the stored vectors, as a multiple of k (default 20; "
+                        "BLIP-2 tables: max(20 x k, 800) rows)")
     p.set_defaults(func=cmd_search)
