@@ -68,6 +68,17 @@ def test_blip_captions_identical(blip_pairs, photos, kw):
     assert max(abs(a - b) for (_, a), (_, b) in zip(flat(got), flat(expected), strict=True)) <= TOL
 
 
+def test_sampled_with_a_generator_per_image(blip_pairs, opt_pair, photos):
+    """caption(generator=[...]) draws each image's samples from its own generator on onnxruntime too."""
+    for ours, onnx, images in ((*blip_pairs["BlipForConditionalGeneration"][:2], photos),
+                               (*opt_pair, torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)))):
+        n, kw = len(images), dict(do_sample=True, max_new_tokens=6, return_scores=True)
+        got = onnx.caption(images, generator=[torch.Generator().manual_seed(10 + i) for i in range(n)], **kw)
+        expected = ours.caption(images, generator=[torch.Generator().manual_seed(10 + i) for i in range(n)], **kw)
+        assert [t for t, _ in got] == [t for t, _ in expected]
+        assert max(abs(a - b) for (_, a), (_, b) in zip(got, expected, strict=True)) <= TOL
+
+
 def test_blip_vqa_generated_and_ranked(blip_pairs, photos):
     ours, onnx, _ = blip_pairs["BlipForQuestionAnswering"]
     questions = ["what is it?", "how many?", "where is the dog?"]

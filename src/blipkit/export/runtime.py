@@ -182,7 +182,8 @@ class OnnxBlip(_OnnxMixin, Blip):
         return self._kv_empty(rows, tc.num_hidden_layers, tc.num_attention_heads,
                               tc.hidden_size // tc.num_attention_heads)
 
-    def _decode(self, context: Tensor, context_mask: Tensor | None, prompt: Tensor, prompt_mask: Tensor, gen):
+    def _decode(self, context: Tensor, context_mask: Tensor | None, prompt: Tensor, prompt_mask: Tensor, gen,
+                generator=None):
         """`Blip._decode` with the decoder step on the runner: the same `generate` drives it."""
         run = self.runner
 
@@ -207,7 +208,8 @@ class OnnxBlip(_OnnxMixin, Blip):
             return step
 
         tc = self.config.text_config
-        return generate(make_step, prompt, prompt_mask, gen, eos_token_id=tc.sep_token_id, pad_token_id=tc.pad_token_id)
+        return generate(make_step, prompt, prompt_mask, gen, eos_token_id=tc.sep_token_id, pad_token_id=tc.pad_token_id,
+                        generator=generator)
 
     @torch.inference_mode()
     def answer_logprobs(self, states: Tensor, qmask: Tensor, answers) -> Tensor:
@@ -274,7 +276,7 @@ class OnnxBlip2(_OnnxMixin, Blip2):
     def forward_itm_pairs(self, images, texts) -> tuple[Tensor, list[int]]:
         return self.encode_texts(texts)
 
-    def _decode_opt(self, prefix: Tensor, rows: list[list[int]], gen):
+    def _decode_opt(self, prefix: Tensor, rows: list[list[int]], gen, generator=None):
         """`Blip2._decode_opt` with the language model step on the runner."""
         tc, n, Q = self.config.text_config, prefix.shape[0], prefix.shape[1]
         T = max(len(r) for r in rows)
@@ -307,9 +309,10 @@ class OnnxBlip2(_OnnxMixin, Blip2):
 
             return step
 
-        return generate(make_step, ids, mask_all, gen, eos_token_id=tc.eos_token_id, pad_token_id=tc.pad_token_id)
+        return generate(make_step, ids, mask_all, gen, eos_token_id=tc.eos_token_id, pad_token_id=tc.pad_token_id,
+                        generator=generator)
 
-    def _decode_t5(self, prefix, rows, gen):
+    def _decode_t5(self, prefix, rows, gen, generator=None):
         raise CapabilityError(f"{self.name_or_path}: the ONNX back end runs OPT language models, not T5")
 
 
