@@ -18,6 +18,7 @@ run interleaved (best of 3), so a busy machine slows them alike; ratios are tran
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import tempfile
@@ -43,18 +44,19 @@ def per_token(fns: dict, repeat: int = 3) -> dict[str, float]:
 def report(title: str, times: dict[str, float], ref: str) -> None:
     print(title)
     for k, t in times.items():
-        print(f"  {k:<28} {t * 1000:7.1f} ms/token   {times[ref] / t:5.2f}x {ref}", flush=True)
+        print(f"  {k:<38} {t * 1000:7.1f} ms/token   {times[ref] / t:5.2f}x {ref}", flush=True)
 
 
 def _forced(n: int) -> dict:
     return dict(num_beams=1, max_new_tokens=n, min_new_tokens=n)
 
 
-def decode() -> None:
+def decode(onnx: bool = True) -> None:
     """BLIP-base (ViT-B/16 at 384 px, 12-layer text decoder, vocabulary 30524), one image, greedy."""
     from transformers import BlipConfig, BlipForConditionalGeneration
 
     import blipkit
+    from blipkit import quantize
     from blipkit.export import export_onnx
     from tests.conftest import blip_tokenizer
 
@@ -68,17 +70,30 @@ def decode() -> None:
         image = torch.randn(1, 3, 384, 384)
         fp32 = blipkit.load(tmp)
         feats = fp32.image_features(image)
+        int8 = f"blipkit int8 weights ({quantize.kernel()} kernel)"
         models = {"blipkit fp32": fp32, "blipkit bf16 weights": blipkit.load(tmp, quantize="bf16"),
-                  "blipkit int8 weights": blipkit.load(tmp, quantize="int8")}
-        for q in (None, "int8"):
+                  int8: blipkit.load(tmp, quantize="int8")}
+        if quantize.kernel() == "inductor":  # the kernel it replaces, for comparison
+            models["blipkit int8 weights (torch kernel)"] = blipkit.load(tmp, quantize="int8")
+        for q in (None, "int8") if onnx else ():
             with torch.inference_mode(False):
                 out = export_onnx(fp32, Path(tmp) / f"onnx-{q}", parts=["text_decoder_cross", "text_decoder"],
                                   quantize=q)
             models[f"onnxruntime {q or 'fp32'}"] = blipkit.load(out)
+
+        def run(key: str, m, n: int):
+            kernel = "torch" if "torch kernel" in key else quantize.kernel()
+            return _on_kernel(kernel, lambda: m.caption(feats, **_forced(n)))
+
+        for k, m in models.items():  # first call: inductor compiles its int8 products here (per layer and rows)
+            t = time.perf_counter()
+            for n in (N + 1, 1):
+                run(k, m, n)
+            print(f"  first captions {k:<36} {time.perf_counter() - t:7.1f} s", flush=True)
         fns = {"transformers fp32": lambda n: ref.generate(pixel_values=image, **_forced(n))}
-        fns.update({k: (lambda n, m=m: m.caption(feats, **_forced(n))) for k, m in models.items()})
+        fns.update({k: functools.partial(run, k, m) for k, m in models.items()})
         report("BLIP-base greedy decoding", per_token(fns), "transformers fp32")
-        same = [k for k, m in models.items() if m.caption(feats, **_forced(N)) == fp32.caption(feats, **_forced(N))]
+        same = [k for k, m in models.items() if run(k, m, N) == fp32.caption(feats, **_forced(N))]
         print(f"  same {N}-token caption as blipkit fp32: {', '.join(same)}")
 
 
@@ -255,6 +270,17 @@ class _FbgemmFP16(_FbgemmInt8):
         return torch.ops.quantized.linear_dynamic_fp16(x.reshape(-1, self.k), self.packed).view(*x.shape[:-1], self.n)
 
 
+def _on_kernel(name: str, fn):
+    """fn() with blipkit's int8 layers on kernel `name` ("torch" or "inductor")."""
+    from blipkit import quantize
+
+    was, quantize.KERNEL = quantize.KERNEL, name
+    try:
+        return fn()
+    finally:
+        quantize.KERNEL = was
+
+
 def kernels(rounds: int = 10) -> None:
     """One cached step of the BLIP-base text decoder (12 layers, 577 image tokens, 10 tokens so far) with its linear
     layers on each kernel: why int8 weights gain what they gain on this CPU."""
@@ -282,7 +308,8 @@ def kernels(rounds: int = 10) -> None:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch's notes on quantized tensors
-        models = {"fp32": fp32, "int8 (_weight_int8pack_mm)": swapped(Int8Linear.from_linear),
+        models = {"fp32": fp32, "int8 (torch kernel)": swapped(Int8Linear.from_linear),
+                  "int8 (inductor kernel)": swapped(Int8Linear.from_linear),
                   "bf16 weights": swapped(BF16Linear.from_linear, exact_head=False),
                   "fbgemm int8 dynamic": swapped(_FbgemmInt8), "fbgemm fp16 weights": swapped(_FbgemmFP16, False)}
     ctx = torch.randn(1, 577, 768)
@@ -291,10 +318,13 @@ def kernels(rounds: int = 10) -> None:
         fns = {}
         for k, m in models.items():
             _, cache = m(torch.arange(100, 110)[None], context=ctx)
-            fns[k] = lambda m=m, c=cache: m(ids, attention_mask=mask, cache=c, positions=pos)
+            step = lambda m=m, c=cache: m(ids, attention_mask=mask, cache=c, positions=pos)  # noqa: E731
+            fns[k] = functools.partial(_on_kernel, "inductor" if "inductor" in k else "torch", step)
         best = dict.fromkeys(fns, float("inf"))
-        for fn in fns.values():
+        for k, fn in fns.items():
+            t = time.perf_counter()
             fn()
+            print(f"  first step {k:<28} {time.perf_counter() - t:7.2f} s", flush=True)
         for _ in range(rounds):
             for k, fn in fns.items():
                 t = time.perf_counter()
@@ -312,13 +342,15 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=64, help="images for the bulk figure")
     parser.add_argument("--bf16-vision", action="store_true", help="bulk: also int8 decoder + bf16 vision")
     parser.add_argument("--limit", type=int, default=None, help="test images for the quality figure (default: all)")
+    parser.add_argument("--no-onnx", action="store_true", help="decode: leave out the onnxruntime rows")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
     for what in args.what:
-        run = {"decode": decode, "blip2": blip2, "quality": lambda: quality(args.limit), "compile": compiled,
+        run = {"decode": lambda: decode(not args.no_onnx), "blip2": blip2,
+               "quality": lambda: quality(args.limit), "compile": compiled,
              "kernels": kernels, "bulk": lambda: bulk(args.images, bf16_vision=args.bf16_vision)}
         run[what]()
 

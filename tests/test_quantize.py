@@ -27,8 +27,9 @@ from .test_blip2 import dirs, gpt2_tokenizer, itm_tokenizer, t5_tokenizer  # noq
     seed=st.integers(0, 2**16),
 )
 def test_int8_linear_equals_its_dequantized_weight(rows, k, n, bias, seed):
-    """Both paths (the int8 kernel for few rows and K % 16 == 0, a bf16 GEMM otherwise) compute x W'^T + b for the
-    dequantized W', and W' is within half a quantization step (plus bf16 rounding of the scale) of W."""
+    """Both paths (the int8 kernel for few rows and K % 16 == 0, a float32 GEMM over the dequantized weight otherwise)
+    compute x W'^T + b for the dequantized W', and W' is within half a quantization step (plus bf16 rounding of the
+    scale) of W."""
     g = torch.Generator().manual_seed(seed)
     lin = nn.Linear(k, n, bias=bias)
     with torch.no_grad():

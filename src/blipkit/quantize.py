@@ -2,9 +2,12 @@
 
 Decoding one token reads every decoder weight once, so on a CPU it is bound by memory bandwidth, not arithmetic:
 int8 weights are a quarter of the float32 bytes. `Int8Linear` stores the weight as int8 with one scale per output
-channel and multiplies through torch's `_weight_int8pack_mm` (bfloat16 activations in, the caller's dtype out).
-That kernel is fast for matrix-vector products and slow for large ones, so above `Int8Linear.max_rows` rows (the
-prompt pass, large batches) the weight is dequantized to bfloat16 for one ordinary matrix product instead.
+channel; up to `Int8Linear.max_rows` rows (decoding steps) it multiplies with bfloat16 activations on one of two
+kernels (see `kernel`):
+- torch's `_weight_int8pack_mm`, vectorized for AVX-512 only (a scalar loop on AVX2 CPUs);
+- on AVX2 CPUs, inductor's int8-weight GEMM template (AVX2 micro-kernels): each layer's product is compiled once
+  per rows bucket (`BUCKETS`) on first use, ~0.4 s a layer (~45 s for BLIP-base's decoder at one row).
+Above `max_rows` rows (the prompt pass, large batches) the weight is dequantized to float32 for one GEMM.
 `BF16Linear` keeps a bfloat16 copy of the weight and computes in bfloat16, around float32 activations.
 
 Only the parts that pay are quantized by default (see `DEFAULT_PARTS`): the BLIP text decoder and the BLIP-2
@@ -15,7 +18,11 @@ A quantized model runs every method as before; `blipkit.save` refuses it (the in
 
 from __future__ import annotations
 
+import os
+import warnings
+
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -29,7 +36,7 @@ DEFAULT_PARTS = {"BLIP": ("text_decoder",), "BLIP-2": ("language_model",)}
 class Int8Linear(nn.Module):
     """y = x W^T + b with W stored as int8 (N, K) times a bfloat16 scale per output channel."""
 
-    #: up to this many rows use the int8 matrix-vector kernel; more dequantize to bfloat16 for one GEMM
+    #: up to this many rows use an int8 kernel; more dequantize the weight to float32 for one GEMM
     max_rows = 24
 
     #: rows of the exact (float) weight recomputed per output row of a vocabulary head, at the int8 top scores
@@ -43,6 +50,7 @@ class Int8Linear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         # a vocabulary head keeps its float weight (tied to the token embedding, so no copy): see `_refine`
         self.exact = exact
+        self._compiled: dict[int, object] = {}  # rows bucket -> compiled matrix product (built on first use)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, keep_exact: bool = False) -> Int8Linear:
@@ -58,23 +66,41 @@ class Int8Linear(nn.Module):
         return cls(q, scales, bias, linear.weight.detach() if keep_exact else None)
 
     def dequantized(self) -> Tensor:
-        """The weight as bfloat16 (N, K): what the int8 values and scales stand for."""
-        return self.weight.to(torch.bfloat16) * self.scales[:, None]
+        """The weight as float32 (N, K): what the int8 values and scales stand for (exactly: 8 x 8 mantissa bits)."""
+        return self.weight.float() * self.scales.float()[:, None]
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
-        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()  # (M, K)
-        # the kernel reads K in blocks of 16 (other widths give wrong numbers): those layers take the GEMM path
-        if x2.shape[0] <= self.max_rows and self.in_features % 16 == 0:
-            y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales)  # (M, N)
-        else:
-            y = F.linear(x2, self.dequantized())
+        x2 = x.reshape(-1, self.in_features)  # (M, K)
+        rows = x2.shape[0]
+        # the kernels read K in blocks of 16 (other widths give wrong numbers): those layers take the float path
+        if rows <= self.max_rows and self.in_features % 16 == 0:
+            y = self._matvec(x2)
+        else:  # many rows (prompt pass, large batches): one float GEMM amortizes the dequantization
+            y = F.linear(x2, self.dequantized().to(x.dtype))
         y = y.to(x.dtype)
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
         if self.exact is not None:
-            y = self._refine(x.reshape(-1, self.in_features), y)
+            y = self._refine(x2, y)
         return y.view(*shape[:-1], self.out_features)
+
+    def _matvec(self, x: Tensor) -> Tensor:
+        """x (M, K) times the int8 weight: torch's kernel, or inductor's compiled one (see `compiled_kernels`)."""
+        if _use_compiled(x, self.in_features * self.out_features):
+            rows = x.shape[0]
+            bucket = next(b for b in BUCKETS if b >= rows)
+            padded = x if bucket == rows else F.pad(x, (0, 0, 0, bucket - rows))
+            try:
+                fn = self._compiled.get(bucket)
+                if fn is None:  # compiled on first use of this many rows
+                    fn = self._compiled[bucket] = _compile(self.weight, self.scales, padded.float().contiguous())
+                return fn(padded.float().contiguous())[:rows]
+            except Exception as e:  # no C++ compiler, an inductor without the template: torch's kernel from now on
+                _failed.append(str(e).splitlines()[0] if str(e) else type(e).__name__)
+                warnings.warn(f"int8 weights: inductor's kernel did not compile ({_failed[0]}); using torch's "
+                              "_weight_int8pack_mm, which is slow on CPUs without AVX-512", stacklevel=2)
+        return torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16).contiguous(), self.weight, self.scales)
 
     def _refine(self, x: Tensor, y: Tensor, chunk: int = 64) -> Tensor:
         """Recompute the `refine_top` highest scores of each row (M, N) with the float weight and float inputs.
@@ -114,6 +140,58 @@ class BF16Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         y = F.linear(x.to(torch.bfloat16), self.weight).to(x.dtype)
         return y if self.bias is None else y + self.bias.to(x.dtype)
+
+
+#: rows are padded up to one of these for the compiled kernel: one compiled graph per layer and bucket
+BUCKETS = (1, 2, 4, 8, 16, 24)
+#: layers with fewer weights than this keep torch's kernel (compiling them costs more than it saves)
+MIN_COMPILED = 1 << 18
+#: "auto" (inductor's kernel on AVX2 CPUs, torch's elsewhere), "torch" or "inductor"; env BLIPKIT_INT8_KERNEL
+KERNEL = os.environ.get("BLIPKIT_INT8_KERNEL", "auto")
+#: inductor settings that select its vectorized int8-weight GEMM template: the weight must be a frozen constant
+#: (set around the first call, when the graph compiles: `torch.compile(options=...)` does not apply freezing).
+#: No FX graph cache: with freezing it hands a layer the graph of another layer of the same shape, weights included
+_INDUCTOR = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP", "fx_graph_cache": False}
+_failed: list[str] = []  # the reason inductor could not compile, once it failed: torch's kernel from then on
+
+
+def kernel() -> str:
+    """The int8 matrix product in use on the CPU: "inductor" or "torch" (see `KERNEL`)."""
+    if KERNEL not in ("auto", "torch", "inductor"):
+        raise InputError(f"BLIPKIT_INT8_KERNEL is {KERNEL!r}: use auto, torch or inductor")
+    if KERNEL != "auto":
+        return KERNEL
+    # torch's `_weight_int8pack_mm` is vectorized for AVX-512 only (a scalar loop elsewhere); inductor's template
+    # has AVX2 and AVX-512 micro-kernels
+    return "inductor" if torch.backends.cpu.get_cpu_capability() == "AVX2" else "torch"
+
+
+def _use_compiled(x: Tensor, weights: int) -> bool:
+    return (weights >= MIN_COMPILED and x.device.type == "cpu" and not torch.is_grad_enabled() and not _failed
+            and kernel() == "inductor")
+
+
+class _Int8Matmul(nn.Module):
+    """The int8 product as a module of its own, so that inductor sees the weight as a buffer it may freeze."""
+
+    def __init__(self, weight: Tensor, scales: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.register_buffer("scales", scales)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.weight, self.scales)
+
+
+def _compile(weight: Tensor, scales: Tensor, example: Tensor):
+    """x (rows, K) float -> x W^T (rows, N) bfloat16 through inductor's int8-weight GEMM template, for `example`'s
+    shape only. The graph goes to inductor directly (`compile_fx`), not through `torch.compile`: dynamo's guards
+    cost more per call (~0.1 ms) than the product itself at one row, and it keeps one cache per code object."""
+    from torch._inductor.compile_fx import compile_fx
+
+    graph = torch.fx.symbolic_trace(_Int8Matmul(weight, scales).eval())
+    with torch._inductor.config.patch(_INDUCTOR):
+        return compile_fx(graph, [example])
 
 
 def check_mode(mode: str | None) -> str | None:
