@@ -55,6 +55,20 @@ def test_blip_towers_and_scores(blip_pairs, photos):
     assert _max(towers.match(photos, TEXTS), ours.match(photos, TEXTS)) <= 1e-6
 
 
+def test_encode_images_from_features(blip_pairs, photos, tmp_path):
+    """The vision_projection tower takes features computed beforehand (as `evaluate` passes them); an export
+    without it says so."""
+    ours, onnx, _ = blip_pairs["BlipForImageTextRetrieval"]
+    feats = ours.image_features(photos)
+    assert _max(onnx.encode_images(feats), ours.encode_images(feats)) <= TOL
+    assert _max(onnx.encode_images(feats.as_subclass(torch.Tensor)), onnx.encode_images(photos)) <= TOL
+    old = blipkit.load(export_onnx(ours, tmp_path / "old", parts=["vision_encoder", "text_encoder"]))
+    assert _max(old.encode_images(photos), ours.encode_images(photos)) <= TOL
+    with pytest.raises(InputError, match=r"has no vision_projection tower, so encode_images takes images here, not "
+                                         r"image features: export the model again$"):
+        old.encode_images(feats)
+
+
 @pytest.mark.parametrize("kw", [dict(num_beams=1), dict(num_beams=3), dict(num_beams=2, num_captions=2),
                                 dict(num_beams=3, prompt="a picture of"), dict(do_sample=True, num_captions=2)])
 def test_blip_captions_identical(blip_pairs, photos, kw):
@@ -140,6 +154,13 @@ def test_shipped_models_round_trip(name, tmp_path):
     if name == "scenes-blip":
         assert _max(onnx.match(images, TEXTS), ours.match(images, TEXTS)) <= TOL
         assert onnx.answer(images[:2], ["what color is it?"] * 2) == ours.answer(images[:2], ["what color is it?"] * 2)
+        # evaluate's retrieval passes features computed beforehand to encode_images (the vision_projection tower)
+        from blipkit.data.scenes import write_dataset
+        from blipkit.train.eval import evaluate
+
+        write_dataset(tmp_path / "scenes", 0, 0, 12, seed=0, progress=False)
+        got, want = (evaluate(m, tmp_path / "scenes", "test", ["retrieval"])["metrics"] for m in (onnx, ours))
+        assert got.keys() == want.keys() and max(abs(got[k] - want[k]) for k in want) <= 1e-6
 
 
 def test_command_and_runtime_only_example(tmp_path, capsys):
@@ -147,8 +168,8 @@ def test_command_and_runtime_only_example(tmp_path, capsys):
     assert cli.main(["export", "scenes-blip", "--format", "onnx", "--out", str(out)]) == 0
     assert "wrote image_text_encoder.onnx, text_decoder.onnx" in capsys.readouterr().out
     manifest = json.loads((out / "onnx.json").read_text())
-    assert set(manifest["towers"]) == {"vision_encoder", "text_encoder", "image_text_encoder", "text_decoder_cross",
-                                       "text_decoder"}
+    assert set(manifest["towers"]) == {"vision_encoder", "vision_projection", "text_encoder", "image_text_encoder",
+                                       "text_decoder_cross", "text_decoder"}
     assert {"config.json", "tokenizer.json", "preprocessor_config.json"} <= {p.name for p in out.iterdir()}
     run = subprocess.run([sys.executable, str(EXAMPLE), str(out), IMAGE, "a red circle"], capture_output=True,
                          text=True, check=True)

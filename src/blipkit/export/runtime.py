@@ -134,9 +134,11 @@ class OnnxBlip(_OnnxMixin, Blip):
         self.require("itc")
         from ..base import ImageFeatures
 
-        if isinstance(images, ImageFeatures):
-            raise InputError("encode_images on an ONNX export takes images (its vision tower projects the class "
-                             "token), not image features")
+        if isinstance(images, Tensor) and (isinstance(images, ImageFeatures) or self._is_feature_shape(images)):
+            if not self.runner.has("vision_projection"):  # exports written before the tower existed
+                raise InputError(f"{self.runner.where} has no vision_projection tower, so encode_images takes images "
+                                 "here, not image features: export the model again")
+            return self.runner("vision_projection", self._feats(images))[0]
         return self.runner("vision_encoder", self.pixels(images))[1]
 
     @torch.inference_mode()

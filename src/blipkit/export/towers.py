@@ -40,6 +40,18 @@ class VisionTower(nn.Module):
         return feats, F.normalize(self.vision_proj(feats[:, 0]), dim=-1)
 
 
+class ImageProjectionTower(nn.Module):
+    """BLIP image features (N, 1 + P, W) -> L2-normalised ITC embedding (N, D) of the class token: ITC from features
+    computed beforehand (`encode_images(features)`, as `evaluate` does), without the vision tower."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.vision_proj = model.vision_proj
+
+    def forward(self, feats: Tensor) -> Tensor:
+        return F.normalize(self.vision_proj(feats[:, 0]), dim=-1)
+
+
 class TextTower(nn.Module):
     """BLIP unimodal text encoder: input_ids, attention_mask (N, T) -> L2-normalised ITC embedding (N, D)."""
 
@@ -165,6 +177,9 @@ def blip_towers(model: nn.Module) -> dict[str, Tower]:
     vis_out = ["image_features"] + (["image_embeds"] if model.has("vision_proj") else [])
     out = {"vision_encoder": Tower(VisionTower(model), (pixels,), ["pixels"], vis_out,
                                    {"pixels": {0: "n"}, **{o: {0: "n"} for o in vis_out}})}
+    if model.has("vision_proj"):
+        out["vision_projection"] = Tower(ImageProjectionTower(model), (feats,), ["image_features"], ["image_embeds"],
+                                         {"image_features": {0: "n", 1: "p"}, "image_embeds": {0: "n"}})
     text_axes = {"input_ids": {0: "n", 1: "t"}, "attention_mask": {0: "n", 1: "t"}}
     if model.has("text_proj"):
         out["text_encoder"] = Tower(TextTower(model), (ids, mask), ["input_ids", "attention_mask"], ["text_embeds"],
