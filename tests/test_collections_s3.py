@@ -97,3 +97,17 @@ def test_unknown_bucket_empty_prefix_and_silent_endpoint_are_one_line_errors(s3,
     assert main(["search", "--db", f"{s3}/photos", "a red circle"]) == 2
     err = capsys.readouterr().err
     assert "(connection refused)" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_caption_table_in_a_bucket_as_in_a_directory(s3, scenes, tmp_path, capsys):
+    """`caption --write table --db s3://...`: the same captions as a local table, resumed from the bucket."""
+    base = ["--write", "table", "--max-new-tokens", "6", "--batch-size", "3", "--workers", "0", "--json"]
+    for db in (str(tmp_path / "db"), f"{s3}/captions"):
+        assert main(["caption", str(scenes), "--db", db, *base]) == 0
+        assert json.loads(capsys.readouterr().out)["added"] == N
+    local, remote = ({r["key"]: r["caption"] for r in open_table(db, "captions").to_table().to_pylist()}
+                     for db in (tmp_path / "db", f"{s3}/captions"))
+    assert len(remote) == N and remote == local
+    assert main(["caption", str(scenes), "--db", f"{s3}/captions", *base]) == 0  # resume: every key found
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["added"], summary["skipped"]) == (0, N)
