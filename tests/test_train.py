@@ -194,6 +194,8 @@ def test_patch_targets_share_each_patch_by_covered_pixels(tmp_path):
     assert t["where"][0, where.index("top left")] == 1 and t["where"][3, where.index("bottom right")] == 0.5
     assert object_place({"box_norm": [0.4, 0.0, 0.6, 1.0]}) == "centre"
     assert object_place({"box_norm": [0.9, 0.0, 1.0, 0.2]}) == "top right"
+    assert patch_classes({"a.png": [square]}, grid=3) == {**patch_classes({"a.png": [square]}),
+                                                           "row": ["0", "1", "2"], "column": ["0", "1", "2"]}
     circle = patch_targets([{"shape": "circle", "colour": "red", "box_norm": [0, 0, 1, 1]}],
                            {"shape": ["background", "circle"], "colour": ["background", "red"],
                             "where": ["background", *PLACES]}, grid=2, cell=32)
@@ -217,13 +219,47 @@ def test_patch_losses_by_hand(scenes):
             head.weight.zero_()
             head.bias.zero_()
     losses = recipe.objectives(batch)
-    for f in ("shape", "colour", "where"):
+    for f in ("shape", "colour", "where", "row", "column"):
         assert losses[f"patch_{f}"].item() == pytest.approx(math.log(heads[f].out_features), rel=1e-6)
+    assert heads["row"].out_features == heads["column"].out_features == grid
     with torch.no_grad():  # a head sure of "background" everywhere: the loss is 20 x the covered share of patches
         heads["shape"].bias[0] = 20.0
     covered = 1 - batch["patch_shape"][..., 0].mean().item()
     assert recipe.objectives(batch)["patch_shape"].item() == pytest.approx(20 * covered, rel=1e-4, abs=1e-6)
 
+
+
+def test_row_and_column_targets_are_each_patchs_own_place(scenes):
+    """States whose patch tokens spell out their row and column: heads that read them have (almost) no loss, heads
+    that read the other one have a large loss (row-major patch order)."""
+    model, items = _tiny(scenes)
+    recipe = tags_recipe(model, items[:2], min_count=1, boxes=read_boxes(scenes / "annotations" / "train_boxes.json"))
+    objectives, heads = recipe.objectives, recipe.objectives.patch_heads
+    grid = heads["row"].out_features
+    width = model.config.vision_config.hidden_size
+    states = torch.zeros(2, 1 + grid * grid, width)
+    for p in range(grid * grid):
+        states[:, 1 + p, p // grid] = 1.0  # row code in the first `grid` features
+        states[:, 1 + p, grid + p % grid] = 1.0  # column code in the next ones
+
+    class Spelled(torch.nn.Module):
+        def forward(self, pixels):
+            return states
+
+    batch = recipe.collate([tdata.ItemDataset(items, model.processor, 0)[(0, i)] for i in range(2)])
+    objectives.model.vision_model = Spelled()
+    reads = {"row": 0, "column": grid}
+    with torch.no_grad():
+        for f, head in heads.items():
+            if f in reads:
+                head.weight.zero_()
+                head.bias.zero_()
+                head.weight[:, reads[f]:reads[f] + grid] = 30 * torch.eye(grid)
+    losses = objectives(batch)
+    assert losses["patch_row"].item() < 1e-6 and losses["patch_column"].item() < 1e-6
+    with torch.no_grad():
+        heads["row"].weight.copy_(heads["column"].weight)  # reads the column: wrong off the diagonal
+    assert objectives(batch)["patch_row"].item() > 10
 
 def test_cli_tags_stage_then_blip_from_it(scenes, tmp_path):
     out = tmp_path / "vit"
@@ -232,7 +268,7 @@ def test_cli_tags_stage_then_blip_from_it(scenes, tmp_path):
             "--patch-labels", "boxes", "--json"]
     assert cli(args) == 0
     rows = [json.loads(line) for line in (out / loop.LOG_FILE).read_text().splitlines()]
-    for loss in ("tags", "patch_shape", "patch_colour", "patch_where"):
+    for loss in ("tags", "patch_shape", "patch_colour", "patch_where", "patch_row", "patch_column"):
         assert sum(r[loss] for r in rows[-5:]) < sum(r[loss] for r in rows[:5]) - 0.1, loss
     tags = json.loads((out / TAGS_FILE).read_text())
     assert "red" in tags and (out / TAG_HEAD_FILE).is_file()

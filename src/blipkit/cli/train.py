@@ -106,7 +106,7 @@ def _train_model_options(p: argparse.ArgumentParser) -> None:
                    "(the objects of a scenes dataset: colour, shape, 'colour shape'), or a JSON file {image: [tags]}")
     p.add_argument("--patch-labels", default=None, metavar="BOXES",
                    help="--stage tags: also teach every patch the shape, colour and place (third of the image) of the "
-                   "object covering it, from "
+                   "object covering it, and its own row and column, from "
                    "'boxes' (a scenes dataset's boxes) or a boxes JSON [{image, objects: [{shape, colour, box_norm}]}]")
     p.add_argument("--tag-min-count", type=integer(1), default=None,
                    help="--stage tags: a caption word or word pair is a tag when at least this many images use it "

@@ -11,10 +11,12 @@ of the generated scenes), `--tags FILE` uses them instead of the captions.
 
 Where boxes exist, `--patch-labels` adds a dense objective: every patch token learns which object covers it (its shape,
 its colour and which third of the image, across and down, holds its centre; or background), as a distribution over
-classes in proportion to the patch's pixels each object covers. Sixty-four targets per image instead of one set of
-tags teach the patch tokens what and where each object is, which captioning and grounding read from the patches;
-shape and colour alone are the same wherever an object sits, and a ViT trained on them keeps little of where its
-patches are.
+classes in proportion to the patch's pixels each object covers, and its own row and column in the patch grid.
+Sixty-four targets per image instead of one set of tags teach the patch tokens what and where each object is, which
+captioning, grounding and the question encoder read from the patches. Shape and colour alone are the same wherever
+an object sits: a ViT trained on them keeps little of where its patches are (the position embedding added at its
+input fades), and questions like "where is the red circle?" stay at chance however long the later objectives train.
+The row and column targets keep each patch's place in its output token.
 
 The stage trains the image encoder of a full BLIP model (built with `--arch`, its tokenizer built from the data, as
 for BLIP training from scratch) and saves that model, so the next run continues from it with every objective:
@@ -51,6 +53,7 @@ BACKGROUND = "background"
 OBJECT_FIELDS = ("shape", "colour")  # what a boxes file names of each object
 PATCH_FIELDS = (*OBJECT_FIELDS, "where")  # what each patch learns of the object covering it
 # "where": the third of the image, across and down, that holds the object's centre
+GRID_FIELDS = ("row", "column")  # what each patch learns of itself: its place in the patch grid
 PLACES = ("top left", "top", "top right", "left", "centre", "right", "bottom left", "bottom", "bottom right")
 
 
@@ -155,11 +158,14 @@ def read_boxes(path: str | Path, flag: str = "--patch-labels") -> dict[str, list
     return out
 
 
-def patch_classes(boxes: dict[str, list[dict]]) -> dict[str, list[str]]:
+def patch_classes(boxes: dict[str, list[dict]], grid: int | None = None) -> dict[str, list[str]]:
     """Each patch field's classes: background first, then the values the objects use, sorted (all nine `PLACES`
-    for "where")."""
+    for "where"); with `grid`, also "row" and "column" ("0" .. grid - 1)."""
     classes = {f: [BACKGROUND, *sorted({o[f] for objs in boxes.values() for o in objs})] for f in OBJECT_FIELDS}
-    return {**classes, "where": [BACKGROUND, *PLACES]}
+    classes["where"] = [BACKGROUND, *PLACES]
+    if grid is not None:
+        classes.update({f: [str(i) for i in range(grid)] for f in GRID_FIELDS})
+    return classes
 
 
 def object_place(obj: dict) -> str:
@@ -219,7 +225,8 @@ class TagCollate:
 
 class TagObjectives(nn.Module):
     """BLIP's ViT with a linear tag head on its `[CLS]` output and, given `patch_classes`, a linear head per patch
-    field on the patch tokens; forward returns {"tags": BCE, "patch_{field}": soft cross-entropy, ...}."""
+    field on the patch tokens; forward returns {"tags": BCE, "patch_{field}": soft cross-entropy, ...}, "row" and
+    "column" against each patch's own place (row-major grid)."""
 
     def __init__(self, model: Blip, num_tags: int, patch_classes: dict[str, list[str]] | None = None):
         super().__init__()
@@ -233,9 +240,17 @@ class TagObjectives(nn.Module):
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         states = self.model.vision_model(batch["pixels"])
         losses = {"tags": F.binary_cross_entropy_with_logits(self.tag_head(states[:, 0]), batch["tags"])}
+        patches = states[:, 1:]
+        places = torch.arange(patches.shape[1], device=patches.device)
         for f, head in self.patch_heads.items():
-            logp = F.log_softmax(head(states[:, 1:]), dim=-1)
-            losses[f"patch_{f}"] = -(batch[f"patch_{f}"] * logp).sum(-1).mean()
+            logits = head(patches)
+            if f in GRID_FIELDS:
+                grid = head.out_features
+                target = (places // grid if f == "row" else places % grid).expand(len(patches), -1)
+                losses[f"patch_{f}"] = F.cross_entropy(logits.flatten(0, 1), target.flatten())
+            else:
+                logp = F.log_softmax(logits, dim=-1)
+                losses[f"patch_{f}"] = -(batch[f"patch_{f}"] * logp).sum(-1).mean()
         return losses
 
 
@@ -255,7 +270,7 @@ def tags_recipe(model: Blip, items: list[Item], min_count: int = 20, max_share: 
                              f"(first: {missing[0]})")
         vision = model.config.vision_config
         grid = vision.image_size // vision.patch_size
-        classes = patch_classes({it.key: boxes[it.key] for it in items})
+        classes = patch_classes({it.key: boxes[it.key] for it in items}, grid)
         patches = {_key(it.key): patch_targets(boxes[it.key], classes, grid)
                    for it in tqdm(items, desc="patch labels", unit="img", leave=False)}
     objectives = TagObjectives(model, len(tags), classes)
