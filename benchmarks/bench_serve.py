@@ -3,6 +3,7 @@
     python benchmarks/bench_serve.py                         # 1, 4, 16, 64 concurrent clients on /api/match
     python benchmarks/bench_serve.py --clients 16 --seconds 10 --threads 2
     python benchmarks/bench_serve.py --load-client httpx     # drive with httpx instead of the lean client
+    python benchmarks/bench_serve.py --server-args=--no-model-process   # the model calls in the server's process
 
 Starts two `blipkit serve` (the shipped scenes-blip) subprocesses on free 127.0.0.1 ports, one with batching
 (--max-batch 64 --max-wait-ms 5 unless told otherwise) and one without (--max-batch 1), and drives them with N
@@ -47,11 +48,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(max_batch: int, max_wait_ms: float, threads: int | None) -> tuple[subprocess.Popen, str]:
+def start(max_batch: int, max_wait_ms: float, threads: int | None, extra: list[str]) -> tuple[subprocess.Popen, str]:
     """`blipkit serve` in a subprocess; returns it and its base URL once /api/health answers."""
     port = free_port()
     cmd = [sys.executable, "-m", "blipkit.cli", "serve", "--port", str(port), "--max-batch", str(max_batch),
-           "--max-wait-ms", str(max_wait_ms), "--quiet"] + (["--threads", str(threads)] if threads else [])
+           "--max-wait-ms", str(max_wait_ms), "--quiet"] + (["--threads", str(threads)] if threads else []) + extra
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=dict(os.environ))
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
@@ -230,13 +231,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="--threads of both servers (default: torch's)")
     parser.add_argument("--max-batch", type=int, default=64, help="--max-batch of the batched server (default 64)")
     parser.add_argument("--max-wait-ms", type=float, default=5.0, help="its --max-wait-ms (default 5)")
+    parser.add_argument("--server-args", default="", help="more options of both servers, e.g. '--model-process'")
     parser.add_argument("--load-client", choices=["lean", "httpx"], default="lean", help="the load generator")
     args = parser.parse_args()
 
     servers: dict[str, tuple[subprocess.Popen, str]] = {}
     try:
         for mode, (batch, wait) in {"batched": (args.max_batch, args.max_wait_ms), "unbatched": (1, 0.0)}.items():
-            servers[mode] = start(batch, wait, args.threads)
+            servers[mode] = start(batch, wait, args.threads, args.server_args.split())
             asyncio.run(load(servers[mode][1], 4, 20, 30, args.load_client == "lean"))  # warm-up
         results = {}
         for c in args.clients:

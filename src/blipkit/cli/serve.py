@@ -65,7 +65,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     limits = Limits(max_body_bytes=int(args.max_body_mb * 1024 * 1024))
     app = create_app(model, index=index, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, limits=limits,
-                     api_key=args.api_key)
+                     api_key=args.api_key, process=args.model_process, threads=args.threads)
     if not _loopback(args.host) and args.api_key is None:
         print(f"blipkit serve: listening on {args.host}, reachable from other machines, without --api-key",
               file=sys.stderr)
@@ -95,8 +95,10 @@ def add_commands(subparsers: Any, common: argparse.ArgumentParser) -> None:
                    "1: no batching)")
     p.add_argument("--max-wait-ms", type=float, default=5.0,
                    help="longest a request waits for others to join its batch (default 5)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads of the model calls (default: torch's, "
-                   "one per core)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads of the model calls (default: one less "
+                   "than the cores, leaving one to the HTTP work; with --no-model-process, torch's: one per core)")
+    p.add_argument("--model-process", action=argparse.BooleanOptionalAction, default=True,
+                   help="run the model calls in a process of their own, apart from the HTTP work (default: on)")
     p.add_argument("--max-body-mb", type=float, default=20.0, help="largest request body in MB (default 20)")
     p.add_argument("--api-key", default=None, help="require this key ('Authorization: Bearer KEY' or 'X-API-Key')")
     p.add_argument("--quiet", action="store_true", help="log warnings only, not every request")

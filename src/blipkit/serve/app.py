@@ -1,17 +1,21 @@
 """`create_app(model, ...)`: the FastAPI app of `blipkit serve`, with no global state (test it with TestClient).
 
 Each POST endpoint parses its request at the edge (`inputs.parse`: images decoded from bytes, options validated),
-hands a `jobs.Job` to the batcher, which gathers concurrent jobs of one kind and options into one model call, and
-returns JSON. The page at `/` and the API docs at `/docs` are static files of this package (no CDN).
+hands a `jobs.Job` to the batcher, which gathers concurrent jobs of one kind and options into one model call (with
+`process=True`, made in a process of its own: `worker.ModelProcess`), and returns JSON. The page at `/` and the
+API docs at `/docs` are static files of this package (no CDN).
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
@@ -43,11 +47,13 @@ from .options import (
     SearchOptions,
     TextsOptions,
 )
+from .worker import ModelProcess, ModelProcessError
 
 STATIC = Path(__file__).parent / "static"
 OPEN_PATHS = ("/", "/docs", "/openapi.json", "/api/health", "/favicon.ico")
 THUMBNAIL = 160  # pixels, the longer side of a search hit's thumbnail
 PREPROCESSED = ("match", "similarity", "caption", "ask")  # kinds whose jobs carry pixels made at the edge
+ARRIVED: ContextVar[Callable[[], None]] = ContextVar("arrived", default=lambda: None)  # the request's `coming()`
 
 
 def capabilities(model: BlipBase) -> dict[str, bool]:
@@ -128,6 +134,10 @@ def _install_errors(app: FastAPI) -> None:
     async def blipkit_error(request: Request, e: BlipkitError):
         return error_response(blipkit_status(e), str(e))
 
+    @app.exception_handler(ModelProcessError)
+    async def process_stopped(request: Request, e: ModelProcessError):
+        return error_response(503, str(e))  # killed or out of memory: the next request starts a new one
+
     @app.exception_handler(Exception)
     async def bug(request: Request, e: Exception):
         return error_response(500, f"internal error ({type(e).__name__}); the server log has the details")
@@ -163,6 +173,8 @@ def create_app(
     max_wait_ms: float = 5.0,
     limits: Limits | None = None,
     api_key: str | None = None,
+    process: bool = False,
+    threads: int | None = None,
 ) -> FastAPI:
     """The FastAPI app serving `model` (and, for /api/search, `index`: a `blipkit.Index`).
 
@@ -171,33 +183,58 @@ def create_app(
         max_wait_ms: longest a request waits for others to join its batch.
         limits: request limits (body size, images, pixels, texts).
         api_key: when given, every endpoint except the page, the docs and /api/health needs it.
+        process: run the model calls in a process of their own (`worker.ModelProcess`), so they never wait for the
+            server's interpreter lock; /api/search stays in this process.
+        threads: torch threads of that process (default: one less than the cores; without `process`, the model
+            calls use this process's torch setting).
     """
     limits = limits or Limits()
     metrics = Metrics()
-    batcher = Batcher(max_batch, max_wait_ms, on_batch=metrics.batch)
+    batcher = Batcher(max_batch, max_wait_ms, on_batch=metrics.batch, eager=True)
     can = capabilities(model)
+    child = ModelProcess(model, threads) if process else None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        nonlocal child
+        if child is not None:
+            try:
+                child.start()  # loads while the server starts, not on the first request
+            except Exception as e:  # noqa: BLE001 - e.g. a model that cannot be pickled: serve it here
+                print(f"blipkit serve: the model cannot run in a process of its own ({type(e).__name__}: {e}); "
+                      "its calls run in the server's process", file=sys.stderr)
+                child = app.state.process = None
         yield
         await run_in_threadpool(batcher.close)
+        if child is not None:
+            await run_in_threadpool(child.close)
 
     app = FastAPI(title="blipkit", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description=f"BLIP / BLIP-2 over HTTP, serving {model.name_or_path}. Images are multipart file "
                               "fields named `image` or base64 strings in a JSON `images` list.")
     app.state.model, app.state.index, app.state.batcher, app.state.metrics = model, index, batcher, metrics
+    app.state.process = child
     _install_errors(app)
 
     def post(path: str, options: type[BaseModel], images: tuple[int, int], summary: str):
         """Register `compute(images, options) -> dict` as a POST endpoint that parses its request at the edge."""
 
         def register(compute: Callable[[list[Image.Image], Any], Awaitable[dict]]):
+            kind = path.rsplit("/", 1)[-1]
+            # resized and normalised with the decoding, off the event loop, while the model works on other requests
+            prepare = model.pixels if kind in PREPROCESSED and can[kind] else None
+
             async def endpoint(request: Request) -> dict:
-                decoded, opts = await parse(request, options, limits, images)
-                return {"model": model.name_or_path, **await compute(decoded, opts)}
+                with batcher.coming() as arrived:  # a batch waits for this request until it is queued (run)
+                    token = ARRIVED.set(arrived)
+                    try:
+                        decoded, opts = await parse(request, options, limits, images, prepare)
+                        return {"model": model.name_or_path, **await compute(decoded, opts)}
+                    finally:
+                        ARRIVED.reset(token)
 
             app.add_api_route(path, endpoint, methods=["POST"], summary=summary, description=compute.__doc__,
-                              openapi_extra=_body_doc(options, images), name=path.rsplit("/", 1)[-1],
+                              openapi_extra=_body_doc(options, images), name=kind,
                               tags=["tasks"])
             return compute
 
@@ -206,9 +243,15 @@ def create_app(
     async def run(kind: str, job: jobs.Job, key: Any = (), batch: bool = True):
         if not can.get(kind, True):
             raise ApiError(400, f"{model.name_or_path} cannot {kind}: see GET /api/models for what it serves")
-        if kind in PREPROCESSED:  # resized and normalised here, in parallel with the model's work on other requests
-            job.pixels = await run_in_threadpool(model.pixels, job.images)
-        return await batcher.submit(kind, job, partial(getattr(jobs, kind), model), key, batch)
+        if kind in PREPROCESSED:
+            job.pixels = getattr(job.images, "pixels", None)  # made with the decoding (parse)
+        call = partial(child.run, kind) if child is not None else partial(getattr(jobs, kind), model)
+        return await queue(kind, job, call, key, batch)
+
+    async def queue(kind: str, item: Any, call: Callable, key: Any = (), batch: bool = True) -> Any:
+        future = batcher.submit_future(kind, item, call, key, batch)
+        ARRIVED.get()()  # queued: the batcher need not wait for this request any more
+        return await asyncio.wrap_future(future)
 
     many = (1, limits.max_images)
 
@@ -307,7 +350,7 @@ def create_app(
             call = partial(index.search_text, text, k=o.k, rerank=o.rerank)
         else:
             call = partial(index.search_image, images[0], k=o.k)
-        hits = await batcher.submit("search", None, lambda _: [call()], batch=False)
+        hits = await queue("search", None, lambda _: [call()], batch=False)
         if o.thumbnails:
             urls = await run_in_threadpool(lambda: [thumbnail_data_url(h["path"]) if h.get("path") else None
                                                     for h in hits])
@@ -320,7 +363,7 @@ def create_app(
 
         return {"model": {"name": model.name_or_path, "family": model.family, "capabilities": can},
                 "search": index is not None, "available": list_models(), "limits": asdict(limits),
-                "batching": {"max_batch": max_batch, "max_wait_ms": max_wait_ms}}
+                "batching": {"max_batch": max_batch, "max_wait_ms": max_wait_ms, "model_process": child is not None}}
 
     @app.get("/api/health", tags=["server"], summary="liveness")
     async def health() -> dict:

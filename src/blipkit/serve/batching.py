@@ -4,11 +4,16 @@
     result = await batcher.submit("caption", image, run, key=options)   # run(list of items) -> list of results
 
 Calls of the same kind and key wait together, up to `max_batch` items or `max_wait_ms` after the first of them arrived,
-then `run` gets the whole list on the batcher's one worker thread. Every model call of the server goes through
-that thread, one at a time: the model's two CPU-bound kernels would only fight over the cores if several ran at once,
-and no two calls ever share the model's state. A batch that fails with a BlipkitError is run again item by item, so
-one bad request gets its own error and the others their results. Waiting is on a thread, not on an event loop, so
-the batcher serves any loop (uvicorn's, or TestClient's one per request).
+then `run` gets the whole list on the batcher's one worker thread. Every model call of the server goes through that
+thread, one at a time: the model's CPU-bound kernels would only fight over the cores if several ran at once, and no
+two calls ever share the model's state. A batch that fails with a BlipkitError is run again item by item, so one bad
+request gets its own error and the others their results. Waiting is on a thread, not on an event loop, so the
+batcher serves any loop (uvicorn's, or TestClient's one per request).
+
+An `eager` batcher does not make sequential traffic wait: when the last batch of a kind was a single item and no
+request announced by `coming()` is on its way (being received and decoded), a lone item runs at once instead of
+waiting out `max_wait_ms` for company that will not come. Clients that came together (the last batch had several)
+still wait for each other.
 """
 
 from __future__ import annotations
@@ -16,8 +21,9 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,14 +50,18 @@ class Batcher:
         max_batch: most items per call; 1 turns batching off (every item runs alone).
         max_wait_ms: longest an item waits for others after the first of its batch arrived.
         on_batch: called after each batch as `on_batch(kind, size, seconds)` (metrics).
+        eager: run a lone item at once when its kind's last batch was one item and no request announced by
+            `coming()` is on its way.
     """
 
     def __init__(self, max_batch: int = 16, max_wait_ms: float = 5.0,
-                 on_batch: Callable[[str, int, float], None] | None = None) -> None:
+                 on_batch: Callable[[str, int, float], None] | None = None, eager: bool = False) -> None:
         if max_batch < 1 or max_wait_ms < 0:
             raise ValueError(f"max_batch={max_batch}, max_wait_ms={max_wait_ms}: use max_batch >= 1, max_wait_ms >= 0")
         self.max_batch, self.max_wait = max_batch, max_wait_ms / 1000
-        self.on_batch = on_batch
+        self.on_batch, self.eager = on_batch, eager
+        self._coming = 0  # requests announced by coming() that have not submitted yet
+        self._last: dict[str, int] = {}  # size of each kind's last batch
         self._groups: dict[Hashable, _Group] = {}  # insertion order: the oldest key first
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -78,6 +88,31 @@ class Batcher:
             self._cond.notify()
         return future
 
+    @contextmanager
+    def coming(self) -> Iterator[Callable[[], None]]:
+        """Announce a request that is on its way (its body being read and decoded) until it calls the function this
+        yields, right after submitting, or leaves the block (e.g. refused): an eager batcher waits only for these."""
+        with self._cond:
+            self._coming += 1
+        pending = [True]
+
+        def arrived() -> None:
+            with self._cond:
+                if pending[0]:
+                    pending[0] = False
+                    self._coming -= 1
+                    self._cond.notify()
+
+        try:
+            yield arrived
+        finally:
+            arrived()
+
+    def queued(self) -> int:
+        """How many items wait for their batch to start."""
+        with self._cond:
+            return sum(len(group.items) for group in self._groups.values())
+
     async def submit(self, kind: str, item: Any, run: Run, key: Hashable = (), batch: bool = True) -> Any:
         """`submit_future` awaited on the running event loop."""
         return await asyncio.wrap_future(self.submit_future(kind, item, run, key, batch))
@@ -103,8 +138,12 @@ class Batcher:
                     continue
                 key, group = next(iter(self._groups.items()))
                 left = group.first + self.max_wait - time.monotonic()
-                if len(group.items) >= group.limit or left <= 0 or self._closed:
+                # a lone request of sequential traffic (its kind's last batch was one request too, and nothing else
+                # is on its way) runs at once; clients that came together wait for each other, as they did before
+                alone = self.eager and self._coming == 0 and self._last.get(group.kind, 1) <= 1
+                if len(group.items) >= group.limit or left <= 0 or self._closed or alone:
                     taken, group.items = group.items[: group.limit], group.items[group.limit :]
+                    self._last[group.kind] = len(taken)
                     if group.items:  # the rest waits as a new batch, behind the other keys
                         del self._groups[key]
                         group.first = time.monotonic()

@@ -13,6 +13,7 @@ import hmac
 import io
 import json
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -243,11 +244,18 @@ async def _json(request: Request) -> tuple[list[tuple[str, bytes]], dict]:
     return images, data
 
 
-async def parse(request: Request, options: type[BaseModel], limits: Limits,
-                images: tuple[int, int] = (1, 1 << 30)) -> tuple[list[Image.Image], BaseModel]:
+class Decoded(list):
+    """A request's images, decoded; with `pixels` made from them in the same step when the endpoint asks for them."""
+
+    pixels: Any = None
+
+
+async def parse(request: Request, options: type[BaseModel], limits: Limits, images: tuple[int, int] = (1, 1 << 30),
+                prepare: Callable[[list[Image.Image]], Any] | None = None) -> tuple[Decoded, BaseModel]:
     """A request's images (decoded) and options (validated), from multipart form data or a JSON object.
 
     `images` is the (fewest, most) images the endpoint takes; the most is also capped by `limits.max_images`.
+    `prepare` (e.g. `model.pixels`) runs on the decoded images in the same worker thread, as `Decoded.pixels`.
     """
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind == "multipart/form-data":
@@ -266,8 +274,13 @@ async def parse(request: Request, options: type[BaseModel], limits: Limits,
         many = f"{low}" if low == high else f"{low} to {high}"
         raise ApiError(422, f"send {many} images (as 'image' file fields or base64 in JSON), got {len(raw)}",
                        "image")
-    decoded = await run_in_threadpool(lambda: [decode_image(data, name, limits) for name, data in raw])
-    return decoded, parsed
+    def decode() -> Decoded:
+        out = Decoded(decode_image(data, name, limits) for name, data in raw)
+        if prepare is not None and out:
+            out.pixels = prepare(out)
+        return out
+
+    return await run_in_threadpool(decode), parsed
 
 
 def check_texts(texts: list[str] | None, field: str, limits: Limits, required: bool = True) -> list[str]:
