@@ -5,12 +5,12 @@
     process.close()
 
 The server's threads parse HTTP, decode images and build responses; in one process they hold the interpreter lock
-in turn with the model's Python code (a small model is mostly Python between short kernels), so the model thread
-waits for them. Here the model runs in a child process (started with `spawn`, its weights passed in shared memory,
-not copied): a batch of `jobs.Job`s goes through a pipe as pickled bytes (pixels made at the edge, not the images
-they came from), `jobs.<kind>(model, batch)` runs there, and its results or its error come back. The child starts
-with `start()` or on the first call; when it dies (killed, out of memory) the call in progress fails and the next
-call starts a new one.
+in turn with the model's Python code (a small model runs many short kernels with Python in between), so the model
+thread waits for them. Here the model runs in a child process (started with `spawn`, its weights passed in shared
+memory, not copied): a batch of `jobs.Job`s goes through a pipe as pickled bytes (pixels made at the edge, not the
+images they came from), `jobs.<kind>(model, batch)` runs there, and its results or its error come back. The child
+starts with `start()` or on the first call; when it dies (killed, out of memory) the call in progress fails and the
+next call starts a new one.
 
 A script that serves with it needs the `if __name__ == "__main__":` guard `spawn` asks for (`blipkit serve` has it).
 """
