@@ -76,6 +76,22 @@ def test_blip_decoder_quantized(hf_blip_dirs, photos, mode):
     assert len(caps) == 3 and all(isinstance(c, str) for c in caps)
 
 
+def test_bf16_cross_attention_cache(hf_blip_dirs, photos, monkeypatch):
+    """Opted in, an int8 decoder caches its cross-attention keys/values in bfloat16; by default in float32."""
+    import blipkit.quantize as q
+
+    path = hf_blip_dirs["BlipForConditionalGeneration"]
+    for opt_in, dtype in ((False, torch.float32), (True, torch.bfloat16)):
+        monkeypatch.setattr(q, "BF16_CROSS_CACHE", opt_in)
+        model = blipkit.load(path, quantize="int8")
+        ids = torch.tensor([[model.config.text_config.bos_token_id, 2003, 1037]])
+        with torch.inference_mode():
+            _, cache = model.text_decoder(ids, context=model.image_features(photos[:1]))
+        cross = [t for c in cache for t in c[2:] if t is not None]
+        assert cross and {t.dtype for t in cross} == {dtype}
+        assert len(model.caption(photos[:2], num_beams=2, max_new_tokens=6)) == 2
+
+
 @pytest.mark.parametrize("name", ["opt", "t5"])
 def test_blip2_language_model_quantized(dirs, name):  # noqa: F811
     path = dirs[name]
@@ -99,6 +115,25 @@ def test_blip2_language_model_quantized(dirs, name):  # noqa: F811
     # random spread weights through every layer: bf16 activations and int8 weights drift a few percent
     assert (a - b).abs().max() <= 0.06 * a.abs().max()
     assert len(q.generate(pixels, "a photo of", max_new_tokens=4, num_beams=2)) == 2
+
+
+def test_attention_over_bfloat16_keys():
+    """Keys/values kept in bfloat16 (an int8 decoder's cross-attention cache): the product runs in bfloat16, the
+    output comes back in the queries' dtype, through SDPA and the recording (eager) path alike."""
+    from blipkit.layers import attend, recording
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, n, 16, generator=g) for n in (3, 50, 50))
+    mask = torch.zeros(2, 1, 1, 50)
+    mask[1, ..., 40:] = torch.finfo(torch.float32).min
+    want = attend(q, k.bfloat16().float(), v.bfloat16().float(), mask)
+    block = nn.Module()
+    got = attend(q, k.bfloat16(), v.bfloat16(), mask)
+    with recording(block) as rec:
+        eager = attend(q, k.bfloat16(), v.bfloat16(), mask, block=block)
+    assert got.dtype == eager.dtype == torch.float32 and rec[block].dtype == torch.bfloat16
+    assert torch.allclose(got, want, atol=0.02) and torch.allclose(eager, want, atol=0.02)
+    assert float(rec[block][1, ..., 40:].abs().max()) == 0  # the mask holds in bfloat16
 
 
 def test_vocab_head_top_scores_are_exact():

@@ -91,3 +91,26 @@ def test_kernel_choice(monkeypatch):
     monkeypatch.setattr(q, "KERNEL", "fast")
     with pytest.raises(InputError, match=r"^BLIPKIT_INT8_KERNEL is 'fast': use auto, torch or inductor$"):
         q.kernel()
+
+
+def test_cli_shows_compilation(compiled_everywhere, monkeypatch, capsys):
+    """The first int8 call compiles one product per layer and rows bucket: the command line shows a bar meanwhile."""
+    from pathlib import Path
+
+    from blipkit import cli
+
+    compiled = []
+
+    def stand_in(weight, scales, bias, example):  # inductor takes ~0.4 s a layer: torch's kernel stands in for it
+        compiled.append(example.shape[0])
+        return q._Int8Matmul(weight, scales, bias)
+
+    monkeypatch.setattr(q, "_compile", stand_in)
+    image = str(Path(__file__).parents[1] / "examples" / "red-circle-blue-square.png")
+    assert cli.main(["caption", image, "--beams", "1", "--max-new-tokens", "3"]) == 0
+    assert "compiling" not in capsys.readouterr().err and not compiled  # float weights: nothing to compile
+    assert cli.main(["caption", image, "--beams", "1", "--max-new-tokens", "3", "--quantize", "int8"]) == 0
+    err = capsys.readouterr().err
+    assert 1 in compiled and "compiling int8 kernels for 1 row (first use, ~0.4 s a layer; later calls reuse " in err
+    assert f": {compiled.count(1)} layers" in err  # the bar counted every layer compiled for that bucket
+    assert not q._hooks  # the bar is gone with the command

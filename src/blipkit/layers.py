@@ -86,8 +86,12 @@ def attend(
     Keys/values may have fewer rows than the queries, Bk dividing B: each is shared by a run of B // Bk consecutive
     query rows (one image and its texts), without copies of it. When `block` is being recorded in this thread (see
     `recording`), the eager path runs instead of SDPA and the probabilities (B, nh, Tq, Tk) go into the recording:
-    what attention maps and GradCAM read. The numbers are the same either way.
+    what attention maps and GradCAM read. The numbers are the same either way. Keys/values kept in another dtype
+    (an int8 decoder's bfloat16 cross-attention cache) set the dtype of the product; the output has the queries'.
     """
+    if k.dtype != q.dtype:
+        low = None if mask is None else mask.to(k.dtype)
+        return attend(q.to(k.dtype), k, v, low, dropout, block).to(q.dtype)
     B, Bk = q.shape[0], k.shape[0]
     record = _RECORDING.get()
     if record is not None and block is not None and block in record:

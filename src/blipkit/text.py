@@ -29,10 +29,14 @@ class QKV(nn.Module):
         self.query = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.key = nn.Linear(kv_width, cfg.hidden_size)
         self.value = nn.Linear(kv_width, cfg.hidden_size)
+        #: dtype the keys/values are kept in (None: the model's); an int8 decoder keeps its cross-attention cache in
+        #: bfloat16, half the bytes each decoding step reads over the image tokens (see `blipkit.quantize`)
+        self.kv_dtype: torch.dtype | None = None
 
     def kv(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Keys and values (B, nh, T, hs) of `x`."""
-        return split_heads(self.key(x), self.heads), split_heads(self.value(x), self.heads)
+        """Keys and values (B, nh, T, hs) of `x`, in `kv_dtype` if set."""
+        k, v = split_heads(self.key(x), self.heads), split_heads(self.value(x), self.heads)
+        return (k, v) if self.kv_dtype is None else (k.to(self.kv_dtype), v.to(self.kv_dtype))
 
 
 class AddNorm(nn.Module):

@@ -10,6 +10,7 @@ traceback. Bulk commands that skipped bad images exit with status 1 (see `blipki
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import sys
@@ -58,6 +59,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _compile_progress(args: argparse.Namespace):
+    """With --quantize int8, a progress bar while the first call compiles the int8 kernels (see
+    `blipkit.quantize.compile_progress`); otherwise nothing."""
+    if getattr(args, "quantize", None) != "int8":
+        return contextlib.nullcontext()
+    from ..quantize import compile_progress
+
+    return compile_progress()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `blipkit` command."""
     try:
@@ -67,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         check_texts(args)
-        return int(args.func(args) or 0)
+        with _compile_progress(args):
+            return int(args.func(args) or 0)
     except BlipkitError as e:
         write_line(f"blipkit {args.command}: error: {one_line(e)}", sys.stderr)
         return 2
