@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import compare  # noqa: E402
+from common import compare, memory_bandwidth  # noqa: E402
 
 N = 30
 
@@ -95,6 +95,26 @@ def decode(onnx: bool = True) -> None:
         report("BLIP-base greedy decoding", per_token(fns), "transformers fp32")
         same = [k for k, m in models.items() if run(k, m, N) == fp32.caption(feats, **_forced(N))]
         print(f"  same {N}-token caption as blipkit fp32: {', '.join(same)}")
+        _floor(models[int8], feats.shape[1])
+
+
+def _floor(model, image_tokens: int) -> None:
+    """Bytes one int8 decoding step reads (weights once, the vocabulary head's too, the cross-attention cache) and
+    the time streaming them takes at this machine's one-row float32 matrix-product rate: the bandwidth floor."""
+    from blipkit.quantize import BF16_CROSS_CACHE, Int8Linear
+
+    tc = model.config.text_config
+    layers = [m for m in model.text_decoder.modules() if isinstance(m, Int8Linear)]
+    # cross-attention keys/values are projected once per image, not per token
+    per_image = {id(m) for n, m in model.text_decoder.named_modules() if "crossattention" in n and
+                 (n.endswith(".key") or n.endswith(".value"))}
+    weights = sum(m.weight.numel() + 2 * m.scales.numel() for m in layers if id(m) not in per_image)
+    size = 2 if BF16_CROSS_CACHE else 4  # bytes per cached cross-attention key / value
+    cache = tc.num_hidden_layers * 2 * image_tokens * tc.hidden_size * size
+    rate = memory_bandwidth()
+    print(f"  int8 step reads {weights / 1e6:.0f} MB of weights + {cache / 1e6:.0f} MB of cross-attention cache; "
+          f"one-row float32 products stream {rate / 1e9:.1f} GB/s here: floor {(weights + cache) / rate * 1e3:.1f} "
+          "ms/token", flush=True)
 
 
 def _blip2(lm: str):
@@ -136,7 +156,7 @@ def blip2() -> None:
 
 
 def bulk(n_images: int = 64, batches: tuple[int, ...] = (8, 16, 32), layers: int = 12, repeat: int = 1,
-         bf16_vision: bool = False) -> None:
+         bf16_vision: bool = False, vision: bool = True) -> None:
     """Captions/s over `n_images` at several batch sizes: transformers' batched generate vs blipkit."""
     from transformers import BlipConfig, BlipForConditionalGeneration
 
@@ -161,6 +181,18 @@ def bulk(n_images: int = 64, batches: tuple[int, ...] = (8, 16, 32), layers: int
               f"{layers}-layer towers", flush=True)
         fns = {"transformers fp32": lambda x: ref.generate(pixel_values=x, **kw)}
         fns.update({k: (lambda x, m=m: m.caption(x, **kw)) for k, m in variants.items()})
+        # what bounds it: the vision towers alone over the same images (batch-size independent, once)
+        towers = {"transformers vision": lambda x: ref.vision_model(pixel_values=x),
+                  "blipkit vision": lambda x: variants["blipkit fp32"].image_features(x)}
+        b0 = batches[0]
+        for k, f in towers.items() if vision else ():
+            f(images[:b0])  # warm-up
+            t = time.perf_counter()
+            for s in range(0, n_images, b0):
+                f(images[s : s + b0])
+            t = time.perf_counter() - t
+            print(f"  batch {b0:>2}  {k:<36} {t:6.1f} s for {n_images} images ({n_images / t:5.2f} images/s)",
+                  flush=True)
         for b in batches:
             for fn in fns.values():  # warm-up: one batch of this size
                 fn(images[:b])
@@ -176,7 +208,7 @@ def bulk(n_images: int = 64, batches: tuple[int, ...] = (8, 16, 32), layers: int
                       flush=True)
 
 
-def quality(limit: int | None = None) -> None:
+def quality(limit: int | None = None, only: list[str] | None = None) -> None:
     """Shipped models on their test split (scenes seed 0, 1000 images): captions identical to float32, metric changes,
     ITC / ITM cosine to float32; int8 and bf16 weights in torch, and onnxruntime's int8 export."""
     import blipkit
@@ -201,6 +233,8 @@ def quality(limit: int | None = None) -> None:
                         "onnxruntime int8": lambda n=name, r=ref: blipkit.load(export_onnx(r, Path(tmp) / n,
                                                                                            quantize="int8"))}
             for label, make in variants.items():
+                if only and label not in only:
+                    continue
                 m = make()
                 got = evaluate(m, root, "test", tasks, limit=limit)
                 same = sum(a["caption"] == b["caption"] for a, b in zip(got["captions"], base["captions"], strict=True))
@@ -342,8 +376,12 @@ def main() -> None:
     figures = ["decode", "blip2", "bulk", "quality", "compile", "kernels"]
     parser.add_argument("what", nargs="*", default=figures, choices=figures)
     parser.add_argument("--images", type=int, default=64, help="images for the bulk figure")
+    parser.add_argument("--batches", default="8,16,32", help="batch sizes for the bulk figure (default: 8,16,32)")
+    parser.add_argument("--no-vision", action="store_true", help="bulk: leave out the vision towers' own times")
     parser.add_argument("--bf16-vision", action="store_true", help="bulk: also int8 decoder + bf16 vision")
     parser.add_argument("--limit", type=int, default=None, help="test images for the quality figure (default: all)")
+    parser.add_argument("--variants", default=None,
+                        help="quality: comma-separated subset of int8,bf16,onnxruntime int8 (default: all)")
     parser.add_argument("--no-onnx", action="store_true", help="decode: leave out the onnxruntime rows")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args()
@@ -352,8 +390,9 @@ def main() -> None:
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
     for what in args.what:
         run = {"decode": lambda: decode(not args.no_onnx), "blip2": blip2,
-               "quality": lambda: quality(args.limit), "compile": compiled,
-             "kernels": kernels, "bulk": lambda: bulk(args.images, bf16_vision=args.bf16_vision)}
+               "quality": lambda: quality(args.limit, args.variants and args.variants.split(",")), "compile": compiled,
+             "kernels": kernels, "bulk": lambda: bulk(args.images, tuple(int(b) for b in args.batches.split(",")),
+                                         bf16_vision=args.bf16_vision, vision=not args.no_vision)}
         run[what]()
 
 
