@@ -8,7 +8,6 @@ API docs at `/docs` are static files of this package (no CDN).
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import io
 import sys
@@ -246,12 +245,7 @@ def create_app(
         if kind in PREPROCESSED:
             job.pixels = getattr(job.images, "pixels", None)  # made with the decoding (parse)
         call = partial(child.run, kind) if child is not None else partial(getattr(jobs, kind), model)
-        return await queue(kind, job, call, key, batch)
-
-    async def queue(kind: str, item: Any, call: Callable, key: Any = (), batch: bool = True) -> Any:
-        future = batcher.submit_future(kind, item, call, key, batch)
-        ARRIVED.get()()  # queued: the batcher need not wait for this request any more
-        return await asyncio.wrap_future(future)
+        return await batcher.submit(kind, job, call, key, batch, arrived=ARRIVED.get())
 
     many = (1, limits.max_images)
 
@@ -350,7 +344,7 @@ def create_app(
             call = partial(index.search_text, text, k=o.k, rerank=o.rerank)
         else:
             call = partial(index.search_image, images[0], k=o.k)
-        hits = await queue("search", None, lambda _: [call()], batch=False)
+        hits = await batcher.submit("search", None, lambda _: [call()], batch=False, arrived=ARRIVED.get())
         if o.thumbnails:
             urls = await run_in_threadpool(lambda: [thumbnail_data_url(h["path"]) if h.get("path") else None
                                                     for h in hits])

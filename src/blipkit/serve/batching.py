@@ -113,9 +113,14 @@ class Batcher:
         with self._cond:
             return sum(len(group.items) for group in self._groups.values())
 
-    async def submit(self, kind: str, item: Any, run: Run, key: Hashable = (), batch: bool = True) -> Any:
-        """`submit_future` awaited on the running event loop."""
-        return await asyncio.wrap_future(self.submit_future(kind, item, run, key, batch))
+    async def submit(self, kind: str, item: Any, run: Run, key: Hashable = (), batch: bool = True,
+                     arrived: Callable[[], None] | None = None) -> Any:
+        """`submit_future` awaited on the running event loop; `arrived` (from `coming()`) is called once the item is
+        queued, so that an eager batcher need not wait for it any more."""
+        future = self.submit_future(kind, item, run, key, batch)
+        if arrived is not None:
+            arrived()
+        return await asyncio.wrap_future(future)
 
     def close(self) -> None:
         """Finish the queued items, then stop the worker thread."""
