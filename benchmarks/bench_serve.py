@@ -231,7 +231,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="--threads of both servers (default: torch's)")
     parser.add_argument("--max-batch", type=int, default=64, help="--max-batch of the batched server (default 64)")
     parser.add_argument("--max-wait-ms", type=float, default=5.0, help="its --max-wait-ms (default 5)")
-    parser.add_argument("--server-args", default="", help="more options of both servers, e.g. '--model-process'")
+    parser.add_argument("--server-args", default="", help="more options of both servers, e.g. '--no-model-process'")
     parser.add_argument("--load-client", choices=["lean", "httpx"], default="lean", help="the load generator")
     args = parser.parse_args()
 
