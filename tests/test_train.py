@@ -20,7 +20,7 @@ from blipkit.data.scenes import write_dataset
 from blipkit.errors import CheckpointError, InputError
 from blipkit.train import data as tdata
 from blipkit.train import loop
-from blipkit.train.losses import Objectives, itc_loss, itm_loss, lm_loss, sample_hard_negatives
+from blipkit.train.losses import OBJECTIVES, Objectives, itc_loss, itm_loss, lm_loss, sample_hard_negatives
 from blipkit.train.model import sample_pixels, scratch_model, whiten_patch_embedding
 from blipkit.train.tags import (
     PATCH_LABELS_FILE,
@@ -29,6 +29,7 @@ from blipkit.train.tags import (
     TAGS_FILE,
     build_tags,
     caption_tags,
+    dense_blip_recipe,
     object_place,
     patch_classes,
     patch_targets,
@@ -289,6 +290,47 @@ def test_cli_tags_stage_then_blip_from_it(scenes, tmp_path):
     assert cli(["train", "--data", str(scenes), "--model", str(out), "--out", str(blip), "--steps", "2",
                 "--batch-size", "4", "--json"]) == 0
     assert torch.equal(blipkit.load(blip).tokenizer("a red circle")[0], model.tokenizer("a red circle")[0])
+
+
+def test_cli_blip_stage_keeps_patch_objectives(scenes, tmp_path):
+    vit = tmp_path / "vit"
+    assert cli(["train", "--stage", "tags", "--data", str(scenes), "--arch", "tiny", "--out", str(vit), "--steps",
+                "30", "--batch-size", "8", "--lr", "2e-3", "--warmup", "5", "--tag-min-count", "3", "--log-every", "1",
+                "--patch-labels", "boxes", "--json"]) == 0
+    tag_rows = [json.loads(line) for line in (vit / loop.LOG_FILE).read_text().splitlines()]
+    saved = load_file(vit / TAG_HEAD_FILE)
+    blip = tmp_path / "blip"
+    assert cli(["train", "--data", str(scenes), "--model", str(vit), "--out", str(blip), "--steps", "3",
+                "--batch-size", "8", "--lr", "1e-6", "--warmup", "1", "--log-every", "1", "--patch-labels", "boxes",
+                "--json"]) == 0
+    rows = [json.loads(line) for line in (blip / loop.LOG_FILE).read_text().splitlines()]
+    for loss in ("itc", "itm", "lm", "vqa", "patch_shape", "patch_colour", "patch_where", "patch_row",
+                 "patch_column"):
+        assert loss in rows[0], loss
+    heads = load_file(blip / TAG_HEAD_FILE)
+    assert set(heads) == {k for k in saved if k.startswith("patch_heads.")}
+    for k, v in heads.items():  # the heads started where the tags run left them (3 steps at lr 1e-6 since)
+        assert torch.allclose(v, saved[k], atol=1e-4), k
+    assert abs(rows[0]["patch_row"] - tag_rows[-1]["patch_row"]) < 0.1
+    assert json.loads((blip / PATCH_LABELS_FILE).read_text()) == json.loads((vit / PATCH_LABELS_FILE).read_text())
+    assert blipkit.load(blip).family == "BLIP"
+
+
+def test_dense_objectives_add_patch_losses_to_blips(scenes):
+    model, items = _tiny(scenes)
+    boxes = read_boxes(scenes / "annotations" / "train_boxes.json")
+    recipe = dense_blip_recipe(model, items, boxes, OBJECTIVES)
+    batch = recipe.collate([tdata.ItemDataset(items, model.processor, 0)[(0, i)] for i in range(4)])
+    torch.manual_seed(0)
+    losses = recipe.objectives(batch)
+    plain = Objectives(model).from_features(model.vision_model(batch["pixels"]), batch)
+    for k in ("itc", "itm", "lm", "vqa"):
+        assert torch.allclose(losses[k], plain[k]) or k == "itm", k  # ITM draws its negatives at random
+    heads = recipe.objectives.patch_heads
+    features = model.vision_model(batch["pixels"])[:, 1:]
+    assert torch.allclose(losses["patch_row"], heads.losses(features, batch)["patch_row"])
+    with pytest.raises(InputError, match="no boxes for 1 of"):
+        dense_blip_recipe(model, items, {k: v for k, v in list(boxes.items())[1:]}, OBJECTIVES)
 
 
 COLOURS = ("red", "blue", "green", "yellow", "purple", "orange", "white", "black")

@@ -40,7 +40,7 @@ STAGES = ("blip", "tags", "qformer1", "qformer2", "lm")
 # options that only one kind of run reads: option -> the stages that take it
 STAGE_OPTIONS = {
     "arch": ("blip", "tags"), "patch_init": ("blip", "tags"), "tag_min_count": ("tags",), "tags": ("tags",),
-    "patch_labels": ("tags",),
+    "patch_labels": ("tags", "blip"),
     "vqa": ("blip",), "lm_filter": ("blip",), "objectives": ("blip", "qformer1"),
     "init_vision": ("qformer1",), "qformer_layers": ("qformer1",), "num_queries": ("qformer1",),
     "qformer_width": ("qformer1",), "qformer_init": ("qformer1",),
@@ -106,8 +106,10 @@ def _train_model_options(p: argparse.ArgumentParser) -> None:
                    "(the objects of a scenes dataset: colour, shape, 'colour shape'), or a JSON file {image: [tags]}")
     p.add_argument("--patch-labels", default=None, metavar="BOXES",
                    help="--stage tags: also teach every patch the shape, colour and place (third of the image) of the "
-                   "object covering it, and its own row and column, from "
-                   "'boxes' (a scenes dataset's boxes) or a boxes JSON [{image, objects: [{shape, colour, box_norm}]}]")
+                   "object covering it, and its own row and column, from 'boxes' (a scenes dataset's boxes) or a "
+                   "boxes JSON [{image, objects: [{shape, colour, box_norm}]}]; "
+                   "--stage blip: keep teaching the image encoder those targets beside the image-text objectives "
+                   "(the patch heads start from --model's, when a tags run saved them with the same classes)")
     p.add_argument("--tag-min-count", type=integer(1), default=None,
                    help="--stage tags: a caption word or word pair is a tag when at least this many images use it "
                    "(default: 20) and at most half of them")
@@ -224,9 +226,22 @@ def _blip_model(args: argparse.Namespace, data):
 def _to_train(args: argparse.Namespace, data, objectives: tuple[str, ...]):
     """What the run trains: a BLIP model (the default stage) or the `Recipe` of a BLIP-2 stage or the LM."""
     if args.stage == "blip":
-        return _blip_model(args, data)
+        if not args.patch_labels:
+            return _blip_model(args, data)
+        from ..train.tags import dense_blip_recipe, read_boxes
+
+        if isinstance(data, str):
+            raise InputError("--patch-labels reads each image's boxes by path: give a dataset dir or JSON, not tar "
+                             "shards")
+        return dense_blip_recipe(_blip_model(args, data), data, read_boxes(_boxes_source(args, args.patch_labels)),
+                                 objectives, start=args.model, grad_checkpointing=args.grad_checkpointing)
     stages = {"tags": _tags_stage, "lm": _lm_stage, "qformer1": _qformer1_stage, "qformer2": _qformer2_stage}
     return stages[args.stage](args, data, objectives)
+
+
+def _boxes_source(args: argparse.Namespace, name: str) -> Path:
+    """A labels option's file: 'boxes' is the dataset's own boxes file of the split."""
+    return Path(args.data) / "annotations" / f"{args.split}_boxes.json" if name == "boxes" else Path(name)
 
 
 def _tags_stage(args: argparse.Namespace, data, objectives: tuple[str, ...]):
@@ -235,11 +250,8 @@ def _tags_stage(args: argparse.Namespace, data, objectives: tuple[str, ...]):
     if isinstance(data, str):
         raise InputError("--stage tags reads every caption of an image: give a dataset dir or JSON, not tar shards")
 
-    def source(name: str) -> Path:
-        return Path(args.data) / "annotations" / f"{args.split}_boxes.json" if name == "boxes" else Path(name)
-
-    labels = read_labels(source(args.tags)) if args.tags else None
-    boxes = read_boxes(source(args.patch_labels)) if args.patch_labels else None
+    labels = read_labels(_boxes_source(args, args.tags)) if args.tags else None
+    boxes = read_boxes(_boxes_source(args, args.patch_labels)) if args.patch_labels else None
     return tags_recipe(_blip_model(args, data), data, min_count=args.tag_min_count or 20, labels=labels, boxes=boxes)
 
 

@@ -201,7 +201,10 @@ class Objectives(nn.Module):
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """The enabled losses of one batch (objectives whose inputs the batch lacks are left out)."""
-        feats = self.model.vision_model(batch["pixels"])  # (B, 1 + P, H)
+        return self.from_features(self.model.vision_model(batch["pixels"]), batch)
+
+    def from_features(self, feats: Tensor, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """`forward` over image features already computed: (B, 1 + P, H)."""
         out: dict[str, Tensor] = {}
         if "caption_ids" in batch:
             if {"itc", "itm"} & set(self.objectives):

@@ -42,8 +42,9 @@ from ..checkpoint import write_safetensors
 from ..data.readers import Item
 from ..data.scenes import SHAPES, draw_shape
 from ..errors import InputError
-from .data import Sample, _key
-from .loop import Recipe
+from .data import Collate, Sample, _key
+from .loop import Recipe, set_grad_checkpointing
+from .losses import OBJECTIVES, Objectives
 from .vocab import words_in
 
 TAG_HEAD_FILE = "tag_head.safetensors"
@@ -207,6 +208,12 @@ def patch_targets(objects: list[dict], classes: dict[str, list[str]], grid: int,
     return {f: torch.from_numpy(out[f]) for f in PATCH_FIELDS}
 
 
+def add_patch_targets(batch: dict[str, Tensor], samples: list[Sample], patches: dict[int, dict[str, Tensor]]) -> None:
+    """Each patch field's soft targets (`patch_targets` by image key) of the samples' images as "patch_{field}"."""
+    for f in PATCH_FIELDS:
+        batch[f"patch_{f}"] = torch.stack([patches[s.image_key][f] for s in samples])
+
+
 class TagCollate:
     """Samples -> {"pixels", "tags"}: the multi-hot tags of each sample's image, and with `patches` (image key ->
     `patch_targets`) each patch field's soft targets as "patch_{field}"."""
@@ -218,15 +225,36 @@ class TagCollate:
         batch = {"pixels": torch.stack([s.pixels for s in samples]),
                  "tags": torch.stack([self.targets[s.image_key] for s in samples])}
         if self.patches is not None:
-            for f in PATCH_FIELDS:
-                batch[f"patch_{f}"] = torch.stack([self.patches[s.image_key][f] for s in samples])
+            add_patch_targets(batch, samples, self.patches)
         return batch
 
 
+class PatchHeads(nn.ModuleDict):
+    """A linear head per patch field (`patch_classes`) on the ViT's patch tokens. `losses(patches, batch)`: soft
+    cross-entropy against "patch_{field}" for the object fields, and for "row" and "column" cross-entropy against
+    each patch's own place in the grid (row-major)."""
+
+    def __init__(self, width: int, classes: dict[str, list[str]]):
+        super().__init__({f: nn.Linear(width, len(c)) for f, c in classes.items()})
+
+    def losses(self, patches: Tensor, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        out = {}
+        places = torch.arange(patches.shape[1], device=patches.device)
+        for f, head in self.items():
+            logits = head(patches)
+            if f in GRID_FIELDS:
+                grid = head.out_features
+                target = (places // grid if f == "row" else places % grid).expand(len(patches), -1)
+                out[f"patch_{f}"] = F.cross_entropy(logits.flatten(0, 1), target.flatten())
+            else:
+                logp = F.log_softmax(logits, dim=-1)
+                out[f"patch_{f}"] = -(batch[f"patch_{f}"] * logp).sum(-1).mean()
+        return out
+
+
 class TagObjectives(nn.Module):
-    """BLIP's ViT with a linear tag head on its `[CLS]` output and, given `patch_classes`, a linear head per patch
-    field on the patch tokens; forward returns {"tags": BCE, "patch_{field}": soft cross-entropy, ...}, "row" and
-    "column" against each patch's own place (row-major grid)."""
+    """BLIP's ViT with a linear tag head on its `[CLS]` output and, given `patch_classes`, `PatchHeads` on the patch
+    tokens; forward returns {"tags": BCE, "patch_{field}": ...}."""
 
     def __init__(self, model: Blip, num_tags: int, patch_classes: dict[str, list[str]] | None = None):
         super().__init__()
@@ -235,23 +263,98 @@ class TagObjectives(nn.Module):
         # PyTorch's default (uniform, +-1/sqrt(width)) start: with normal(0, 0.02) the ViT leaves its start-up
         # plateau hundreds of steps later (measured on the generated scenes)
         self.tag_head = nn.Linear(width, num_tags)
-        self.patch_heads = nn.ModuleDict({f: nn.Linear(width, len(c)) for f, c in (patch_classes or {}).items()})
+        self.patch_heads = PatchHeads(width, patch_classes or {})
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         states = self.model.vision_model(batch["pixels"])
         losses = {"tags": F.binary_cross_entropy_with_logits(self.tag_head(states[:, 0]), batch["tags"])}
-        patches = states[:, 1:]
-        places = torch.arange(patches.shape[1], device=patches.device)
-        for f, head in self.patch_heads.items():
-            logits = head(patches)
-            if f in GRID_FIELDS:
-                grid = head.out_features
-                target = (places // grid if f == "row" else places % grid).expand(len(patches), -1)
-                losses[f"patch_{f}"] = F.cross_entropy(logits.flatten(0, 1), target.flatten())
-            else:
-                logp = F.log_softmax(logits, dim=-1)
-                losses[f"patch_{f}"] = -(batch[f"patch_{f}"] * logp).sum(-1).mean()
+        losses.update(self.patch_heads.losses(states[:, 1:], batch))
         return losses
+
+
+class DenseObjectives(Objectives):
+    """BLIP's objectives (`Objectives`) with the patch objectives of `PatchHeads` on the same image features, so
+    that the image-text objectives do not wash out of the patch tokens what the tags stage taught them (where each
+    patch is, what covers it)."""
+
+    def __init__(self, model: Blip, objectives: tuple[str, ...], patch_classes: dict[str, list[str]]):
+        super().__init__(model, objectives)
+        self.patch_heads = PatchHeads(model.config.vision_config.hidden_size, patch_classes)
+
+    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        feats = self.model.vision_model(batch["pixels"])
+        out = self.from_features(feats, batch)
+        out.update(self.patch_heads.losses(feats[:, 1:], batch))
+        return out
+
+
+class DenseCollate(Collate):
+    """`Collate` plus each patch field's soft targets ("patch_{field}")."""
+
+    def __init__(self, tokenizer, max_length: int, patches: dict[int, dict[str, Tensor]]):
+        super().__init__(tokenizer, max_length)
+        self.patches = patches
+
+    def __call__(self, samples: list[Sample]) -> dict[str, Tensor]:
+        batch = super().__call__(samples)
+        add_patch_targets(batch, samples, self.patches)
+        return batch
+
+
+def _patch_setup(model: Blip, items: list[Item], boxes: dict[str, list[dict]]):
+    """(classes, image key -> `patch_targets`) of `items` from `boxes`; every item needs its boxes."""
+    missing = [it.key for it in items if it.key not in boxes]
+    if missing:
+        raise InputError(f"--patch-labels: no boxes for {len(missing)} of {len(items)} images (first: {missing[0]})")
+    vision = model.config.vision_config
+    grid = vision.image_size // vision.patch_size
+    classes = patch_classes({it.key: boxes[it.key] for it in items}, grid)
+    patches = {_key(it.key): patch_targets(boxes[it.key], classes, grid)
+               for it in tqdm(items, desc="patch labels", unit="img", leave=False)}
+    return classes, patches
+
+
+def load_patch_heads(heads: PatchHeads, classes: dict[str, list[str]], directory: str | Path) -> bool:
+    """Start `heads` from the patch heads a tags run saved in `directory` when it used the same classes; returns
+    whether it did."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    try:
+        saved = json.loads((directory / PATCH_LABELS_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    if saved != classes or not (directory / TAG_HEAD_FILE).is_file():
+        return False
+    state = {k.removeprefix("patch_heads."): v for k, v in load_file(directory / TAG_HEAD_FILE).items()
+             if k.startswith("patch_heads.")}
+    if set(state) != set(heads.state_dict()):
+        return False
+    heads.load_state_dict(state)
+    return True
+
+
+def dense_blip_recipe(model: Blip, items: list[Item], boxes: dict[str, list[dict]], objectives: tuple[str, ...],
+                      start: str | Path | None = None, grad_checkpointing: bool = False) -> Recipe:
+    """BLIP training (`blip_recipe`) with the patch objectives of `--patch-labels` kept on the image encoder. The
+    patch heads start from those a tags run saved in `start` (when its classes match), else fresh; they are saved
+    beside the model as a tags run saves them."""
+    from .. import save
+
+    set_grad_checkpointing(model, grad_checkpointing)
+    classes, patches = _patch_setup(model, items, boxes)
+    dense = DenseObjectives(model, objectives, classes)
+    if start is not None:
+        load_patch_heads(dense.patch_heads, classes, start)
+
+    def write(directory: Path) -> None:
+        save(model, directory)
+        heads = {f"patch_heads.{k}": v for k, v in dense.patch_heads.state_dict().items()}
+        write_safetensors(heads, Path(directory) / TAG_HEAD_FILE)
+        (Path(directory) / PATCH_LABELS_FILE).write_text(json.dumps(classes, indent=1) + "\n")
+
+    return Recipe(dense, DenseCollate(model.tokenizer, model.config.text_config.max_position_embeddings, patches),
+                  model.processor, write, find_unused_parameters=set(objectives) != set(OBJECTIVES))
 
 
 def tags_recipe(model: Blip, items: list[Item], min_count: int = 20, max_share: float = 0.5,
@@ -262,17 +365,7 @@ def tags_recipe(model: Blip, items: list[Item], min_count: int = 20, max_share: 
 
     per_item = item_tags(items, labels)  # caption tags normalise every caption: once, for both uses
     tags = build_tags(items, min_count, max_share, labels, per_item)
-    patches = classes = None
-    if boxes is not None:
-        missing = [it.key for it in items if it.key not in boxes]
-        if missing:
-            raise InputError(f"--patch-labels: no boxes for {len(missing)} of {len(items)} images "
-                             f"(first: {missing[0]})")
-        vision = model.config.vision_config
-        grid = vision.image_size // vision.patch_size
-        classes = patch_classes({it.key: boxes[it.key] for it in items}, grid)
-        patches = {_key(it.key): patch_targets(boxes[it.key], classes, grid)
-                   for it in tqdm(items, desc="patch labels", unit="img", leave=False)}
+    classes, patches = _patch_setup(model, items, boxes) if boxes is not None else (None, None)
     objectives = TagObjectives(model, len(tags), classes)
 
     def write(directory: Path) -> None:
