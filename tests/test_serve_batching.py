@@ -265,3 +265,22 @@ def test_without_batching_every_request_is_its_own_call(model):
     with TestClient(create_app(model, max_batch=1)) as client:
         post_all(client, "/api/match", requests, lambda texts: {"texts": texts})
         assert batch_sizes(client, "match") == (6, 6)
+
+
+def test_pixels_made_at_the_edge_go_to_the_vision_tower_unchecked(model, monkeypatch):
+    """The app's jobs carry `model.pixels` of decoded images: the model step does not check them again (a pass over
+    every pixel), and its scores equal the model's."""
+    image = Image.open(IMAGES[0]).convert("RGB")
+    batch = [jobs.Job([image], TEXTS[:3], pixels=model.pixels([image])) for _ in range(2)]
+
+    def checked_again(*args, **kwargs):
+        raise AssertionError("pixels made at the edge were checked again")
+
+    monkeypatch.setattr("blipkit.processing.image.check_pixels", checked_again)
+    got, sims = jobs.match(model, batch), jobs.similarity(model, batch)
+    monkeypatch.undo()
+    itm, itc = model.match(image, TEXTS[:3])[0].tolist(), model.similarity(image, TEXTS[:3])[0].tolist()
+    for rows, row_sims in zip(got, sims, strict=True):
+        assert [m["itm"] for m in rows[0]] == pytest.approx(itm, abs=1e-5)
+        assert [m["itc"] for m in rows[0]] == pytest.approx(itc, abs=1e-5)
+        assert row_sims[0] == pytest.approx(itc, abs=1e-5)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from ..base import BlipBase
+from ..base import BlipBase, ImageFeatures
 from ..errors import CapabilityError
 from ..tasks import classify as classify_task
 from ..tasks import cross_attention_maps
@@ -42,6 +42,18 @@ def _inputs(jobs: list[Job]) -> Any:
     return [im for job in jobs for im in job.images]
 
 
+def _features(model: BlipBase, jobs: list[Job]) -> ImageFeatures:
+    """Image features of all the jobs, in order: one ViT pass.
+
+    Pixels made at the edge are `model.pixels` of decoded images, so they go to the vision tower as they are: the
+    checks `image_features` makes on a tensor from outside (finite, normalised) would cost a pass over every pixel.
+    """
+    if all(job.pixels is not None for job in jobs):
+        pixels = torch.cat([job.pixels for job in jobs]).to(model.device, model.dtype)
+        return model.vision_model(pixels).as_subclass(ImageFeatures)
+    return model.image_features([im for job in jobs for im in job.images])
+
+
 def _split(values: list[Any], jobs: list[Job]) -> list[list[Any]]:
     """Per-image values of all the jobs, in order -> one list per job."""
     out, start = [], 0
@@ -64,16 +76,17 @@ def match(model: BlipBase, jobs: list[Job]) -> list[list[list[dict[str, Any]]]]:
     if not (itc or itm):
         model.require("itm", "match images and texts")
     with torch.inference_mode():
-        feats = model.image_features(_inputs(jobs))  # one ViT pass for the batch
+        feats = _features(model, jobs)  # one ViT pass for the batch
         sims, column = _itc(model, feats, jobs) if itc else (None, {})
         # one ITM pass for the batch: each image with its own request's texts
         probs = model.match_pairs(feats, [job.texts for job in jobs for _ in job.images]) if itm else None
+    sims = sims.tolist() if sims is not None else None  # one conversion, not one per score
     out, row = [], 0
     for job in jobs:
         per_image = []
         for i in range(row, row + len(job.images)):
             itm_i = probs[i].float().tolist() if probs is not None else [None] * len(job.texts)
-            per_image.append([{"text": t, "itc": float(sims[i, column[t]]) if sims is not None else None,
+            per_image.append([{"text": t, "itc": sims[i][column[t]] if sims is not None else None,
                                "itm": p} for t, p in zip(job.texts, itm_i, strict=True)])
         out.append(per_image)
         row += len(job.images)
@@ -83,11 +96,11 @@ def match(model: BlipBase, jobs: list[Job]) -> list[list[list[dict[str, Any]]]]:
 def similarity(model: BlipBase, jobs: list[Job]) -> list[list[list[float]]]:
     """Per job, the ITC cosine similarity (images x texts)."""
     with torch.inference_mode():
-        feats = model.image_features(_inputs(jobs))
+        feats = _features(model, jobs)
         sims, column = _itc(model, feats, jobs)
-    rows, start = [], 0
+    sims, rows, start = sims.tolist(), [], 0
     for job in jobs:  # each image's row over its own job's texts
-        rows += [[float(sims[start + i, column[t]]) for t in job.texts] for i in range(len(job.images))]
+        rows += [[sims[start + i][column[t]] for t in job.texts] for i in range(len(job.images))]
         start += len(job.images)
     return _split(rows, jobs)
 
