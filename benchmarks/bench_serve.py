@@ -9,10 +9,12 @@ Starts two `blipkit serve` (the shipped scenes-blip) subprocesses on free 127.0.
 (--max-batch 64 --max-wait-ms 5 unless told otherwise) and one without (--max-batch 1), and drives them with N
 concurrent clients, each sending one image and three texts to /api/match again and again. The two servers are
 measured in alternating rounds (batched, unbatched, unbatched, batched, ...), so other work on the machine slows
-both alike; each level stops after --requests requests or --seconds seconds per server, whichever comes first.
-Prints p50 / p99 latency, requests/s, errors, requests per model call, each server's CPU time per request (Linux),
-and the ratio of batched to unbatched requests/s; then how fast bad inputs (a decompression bomb, a non-image, an
-oversized body) are refused.
+both alike; each server gets --seconds seconds per level (split into the rounds), or fewer with --requests. Rounds
+of equal time rather than of equal requests: the batched server's rounds would otherwise last a third as long, and
+each round starts with its clients arriving together and ends with its last batches half empty.
+Prints p50 / p99 latency, requests/s, errors, requests per model call, each server's CPU time per request and that
+of its model process (Linux), and the ratio of batched to unbatched requests/s; then how fast bad inputs (a
+decompression bomb, a non-image, an oversized body) are refused.
 
 The load generator runs on the same cores as the servers. By default it is a lean keep-alive HTTP/1.1 client (one
 connection per client, the request bytes built once) so that it takes little of them; `--load-client httpx` uses
@@ -116,8 +118,8 @@ def ok(status: int, body: bytes) -> bool:
     return status == 200 and len(json.loads(body)["results"][0]["matches"]) == len(TEXTS)
 
 
-async def load(url: str, clients: int, requests: int, seconds: float, lean: bool) -> dict:
-    """`clients` concurrent loops of /api/match until `requests` are done or `seconds` have passed."""
+async def load(url: str, clients: int, requests: int | None, seconds: float, lean: bool) -> dict:
+    """`clients` concurrent loops of /api/match until `seconds` have passed (or `requests` are done)."""
     latencies: list[float] = []
     errors = sent = 0
     stop = time.monotonic() + seconds
@@ -128,7 +130,7 @@ async def load(url: str, clients: int, requests: int, seconds: float, lean: bool
     async def client(http: httpx.AsyncClient | None) -> None:
         nonlocal errors, sent
         conn = Connection(host, int(port))
-        while sent < requests and time.monotonic() < stop:
+        while (requests is None or sent < requests) and time.monotonic() < stop:
             sent += 1
             t = time.perf_counter()
             try:
@@ -170,25 +172,41 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def children(pid: int) -> list[int]:
+    """The processes `pid` started (its model process), from /proc (Linux; none elsewhere)."""
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+        except (OSError, ValueError, IndexError):
+            pass
+    return found
+
+
 def level(servers: dict[str, tuple[subprocess.Popen, str]], clients: int, args: argparse.Namespace) -> dict:
     """Both servers at one client count, in alternating rounds; latencies, errors and times summed per server."""
-    out = {m: {"latencies": [], "errors": 0, "wall": 0.0, "cpu": 0.0, "server_cpu": 0.0} for m in servers}
+    keys = ("latencies", "errors", "wall", "cpu", "server_cpu", "model_cpu")
+    out = {m: {k: [] if k == "latencies" else 0 for k in keys} for m in servers}
     before = {m: batches(url) for m, (_, url) in servers.items()}
+    requests = args.requests // args.rounds if args.requests else None
     for r in range(args.rounds):
         for mode in (list(servers) if r % 2 == 0 else list(servers)[::-1]):
             proc, url = servers[mode]
-            start = cpu_seconds(proc.pid)
-            got = asyncio.run(load(url, clients, args.requests // args.rounds, args.seconds / args.rounds,
-                                   args.load_client == "lean"))
+            kids = children(proc.pid)
+            start, model_start = cpu_seconds(proc.pid), sum(map(cpu_seconds, kids))
+            got = asyncio.run(load(url, clients, requests, args.seconds / args.rounds, args.load_client == "lean"))
             got["server_cpu"] = cpu_seconds(proc.pid) - start
-            for key in ("latencies", "errors", "wall", "cpu", "server_cpu"):
+            got["model_cpu"] = sum(map(cpu_seconds, kids)) - model_start
+            for key in keys:
                 out[mode][key] += got[key]
     for mode, stats in out.items():
         lat, n = sorted(stats["latencies"]), max(len(stats["latencies"]), 1)
         calls, total = (a - b for a, b in zip(batches(servers[mode][1]), before[mode], strict=True))
         stats.update(n=len(lat), rps=len(lat) / stats["wall"], p50=lat[len(lat) // 2],
                      p99=lat[min(len(lat) - 1, int(0.99 * len(lat)))], per_call=total / max(calls, 1),
-                     client_ms=stats["cpu"] / n * 1000, server_ms=stats["server_cpu"] / n * 1000)
+                     client_ms=stats["cpu"] / n * 1000, server_ms=stats["server_cpu"] / n * 1000,
+                     model_ms=stats["model_cpu"] / n * 1000)
     return out
 
 
@@ -225,8 +243,9 @@ def refusals(url: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 64])
-    parser.add_argument("--requests", type=int, default=400, help="most requests per level and server (default 400)")
-    parser.add_argument("--seconds", type=float, default=20, help="longest time per level and server (default 20)")
+    parser.add_argument("--requests", type=int, default=None,
+                        help="most requests per level and server (default: as many as --seconds allows)")
+    parser.add_argument("--seconds", type=float, default=20, help="time per level and server (default 20)")
     parser.add_argument("--rounds", type=int, default=4, help="alternating rounds per level (default 4)")
     parser.add_argument("--threads", type=int, default=None, help="--threads of both servers (default: torch's)")
     parser.add_argument("--max-batch", type=int, default=64, help="--max-batch of the batched server (default 64)")
@@ -247,7 +266,7 @@ def main() -> None:
                 print(f"{mode:<10} {c:>3} clients: {r['n']:4d} requests  {r['rps']:7.1f} req/s  p50 "
                       f"{r['p50'] * 1000:7.1f} ms  p99 {r['p99'] * 1000:7.1f} ms  errors {r['errors']}  "
                       f"{r['per_call']:4.1f} requests/call  CPU per request: server {r['server_ms']:.1f} ms, "
-                      f"client {r['client_ms']:.1f} ms", flush=True)
+                      f"model process {r['model_ms']:.1f} ms, client {r['client_ms']:.1f} ms", flush=True)
         print("refusals:")
         refusals(servers["batched"][1])
     finally:
@@ -259,12 +278,13 @@ def main() -> None:
     print(f"\n/api/match, one image + 3 texts per request, scenes-blip, loopback, threads: {threads}, "
           f"batched: --max-batch {args.max_batch} --max-wait-ms {args.max_wait_ms:g}, load client: {args.load_client}")
     print(f"{'clients':>7}  {'batched req/s':>13}  {'p50 / p99 ms':>15}  {'unbatched req/s':>15}  "
-          f"{'p50 / p99 ms':>15}  {'ratio':>6}  req/call  server CPU ms/req (b / u)  errors")
+          f"{'p50 / p99 ms':>15}  {'ratio':>6}  req/call  CPU ms/req (b / u): server   model  errors")
     for c, got in results.items():
         b, u = got["batched"], got["unbatched"]
         print(f"{c:>7}  {b['rps']:13.1f}  {b['p50'] * 1000:6.0f} / {b['p99'] * 1000:6.0f}  {u['rps']:15.1f}  "
               f"{u['p50'] * 1000:6.0f} / {u['p99'] * 1000:6.0f}  {b['rps'] / u['rps']:5.2f}x  {b['per_call']:8.1f}  "
-              f"{b['server_ms']:12.1f} / {u['server_ms']:.1f}  {b['errors'] + u['errors']:>10}")
+              f"{b['server_ms']:11.1f} / {u['server_ms']:<4.1f} {b['model_ms']:5.1f} / {u['model_ms']:<4.1f} "
+              f"{b['errors'] + u['errors']:>6}")
 
 
 if __name__ == "__main__":
