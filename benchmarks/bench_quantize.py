@@ -1,7 +1,8 @@
 """Decoding speed with quantized weights and on onnxruntime, bulk captioning throughput, and quality against float32.
 
     python benchmarks/bench_quantize.py decode      # BLIP-base greedy decoding per token: transformers fp32 vs
-                                                   # blipkit fp32 / bf16 / int8 / ONNX fp32 / ONNX int8
+                                                   # blipkit fp32 / bf16 / int8 / ONNX fp32 / ONNX int8 (weight-only
+                                                   # MatMulNBits, block 32 / 128, int8 or float activations; dynamic)
     python benchmarks/bench_quantize.py blip2       # BLIP-2 OPT (125m size) and Flan-T5 (base size) decoding per token
     python benchmarks/bench_quantize.py bulk        # captions/s for 64 images at batch 8/16/32 vs batched generate
     python benchmarks/bench_quantize.py quality     # shipped models on their test split: captions and metrics vs
@@ -51,7 +52,7 @@ def _forced(n: int) -> dict:
     return dict(num_beams=1, max_new_tokens=n, min_new_tokens=n)
 
 
-def decode(onnx: bool = True) -> None:
+def decode(onnx: bool = True, torch_variants: bool = True) -> None:
     """BLIP-base (ViT-B/16 at 384 px, 12-layer text decoder, vocabulary 30524), one image, greedy."""
     from transformers import BlipConfig, BlipForConditionalGeneration
 
@@ -72,14 +73,19 @@ def decode(onnx: bool = True) -> None:
         feats = fp32.image_features(image)
         int8 = f"blipkit int8 weights ({quantize.kernel()} kernel)"
         models = {"blipkit fp32": fp32, "blipkit bf16 weights": blipkit.load(tmp, quantize="bf16"),
-                  int8: blipkit.load(tmp, quantize="int8")}
-        if quantize.kernel() == "inductor":  # the kernel it replaces, for comparison
+                  int8: blipkit.load(tmp, quantize="int8")} if torch_variants else {}
+        if torch_variants and quantize.kernel() == "inductor":  # the kernel it replaces, for comparison
             models["blipkit int8 weights (torch kernel)"] = blipkit.load(tmp, quantize="int8")
-        for q in (None, "int8") if onnx else ():
+        if onnx:
             with torch.inference_mode(False):
-                out = export_onnx(fp32, Path(tmp) / f"onnx-{q}", parts=["text_decoder_cross", "text_decoder"],
-                                  quantize=q)
-            models[f"onnxruntime {q or 'fp32'}"] = blipkit.load(out)
+                out = export_onnx(fp32, Path(tmp) / "onnx", parts=["text_decoder_cross", "text_decoder"])
+            models["onnxruntime fp32"] = blipkit.load(out)
+            head = dict(float_columns=(cfg.text_config.vocab_size,))  # as the export: the vocabulary head float
+            for label, kw in (("onnxruntime int8 (the export's)", head), ("onnxruntime int8, head int8 too", {}),
+                              ("onnxruntime int8, block 128", dict(block_size=128, **head)),
+                              ("onnxruntime int8, float activations", dict(accuracy_level=0, **head)),
+                              ("onnxruntime dynamic int8", None)):
+                models[label] = blipkit.load(_onnx_int8(out, Path(tmp) / label.replace(" ", "-"), kw))
 
         def run(key: str, m, n: int):
             kernel = "torch" if "torch kernel" in key else quantize.kernel()
@@ -95,7 +101,30 @@ def decode(onnx: bool = True) -> None:
         report("BLIP-base greedy decoding", per_token(fns), "transformers fp32")
         same = [k for k, m in models.items() if run(k, m, N) == fp32.caption(feats, **_forced(N))]
         print(f"  same {N}-token caption as blipkit fp32: {', '.join(same)}")
-        _floor(models[int8], feats.shape[1])
+        _floor(models.get(int8) or blipkit.load(tmp, quantize="int8"), feats.shape[1])
+
+
+def _onnx_int8(src: Path, dst: Path, kw: dict | None) -> Path:
+    """A copy of the float export `src` whose text_decoder step has int8 weights: blipkit's weight-only MatMulNBits
+    with the settings `kw` (`weight_only_int8`'s), or onnxruntime's dynamic int8 (activations quantized per tensor)
+    when `kw` is None."""
+    import shutil
+
+    import onnx
+
+    from blipkit.export.onnx import weight_only_int8
+
+    shutil.copytree(src, dst)
+    path = dst / "text_decoder.onnx"
+    if kw is None:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        quantize_dynamic(str(src / path.name), str(path), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"])
+    else:
+        model = onnx.load(str(path))
+        weight_only_int8(model, **kw)
+        onnx.save(model, str(path))
+    return dst
 
 
 def _floor(model, image_tokens: int) -> None:
@@ -210,7 +239,8 @@ def bulk(n_images: int = 64, batches: tuple[int, ...] = (8, 16, 32), layers: int
 
 def quality(limit: int | None = None, only: list[str] | None = None) -> None:
     """Shipped models on their test split (scenes seed 0, 1000 images): captions identical to float32, metric changes,
-    ITC / ITM cosine to float32; int8 and bf16 weights in torch, and onnxruntime's int8 export."""
+    ITC / ITM cosine to float32; int8 and bf16 weights in torch, and the int8 ONNX export on onnxruntime (its decoding
+    tower's weights in int8 blocks; the other towers float32)."""
     import blipkit
     from blipkit import quantize
     from blipkit.data.scenes import write_dataset
@@ -383,13 +413,15 @@ def main() -> None:
     parser.add_argument("--variants", default=None,
                         help="quality: comma-separated subset of int8,bf16,onnxruntime int8 (default: all)")
     parser.add_argument("--no-onnx", action="store_true", help="decode: leave out the onnxruntime rows")
+    parser.add_argument("--onnx-only", action="store_true",
+                        help="decode: transformers and the onnxruntime rows only (no blipkit torch rows)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
     for what in args.what:
-        run = {"decode": lambda: decode(not args.no_onnx), "blip2": blip2,
+        run = {"decode": lambda: decode(not args.no_onnx, not args.onnx_only), "blip2": blip2,
                "quality": lambda: quality(args.limit, args.variants and args.variants.split(",")), "compile": compiled,
              "kernels": kernels, "bulk": lambda: bulk(args.images, tuple(int(b) for b in args.batches.split(",")),
                                          bf16_vision=args.bf16_vision, vision=not args.no_vision)}

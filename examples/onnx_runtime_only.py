@@ -47,7 +47,9 @@ def blip(directory: Path, image: np.ndarray, texts: list[str], tok: Tokenizer, c
         (text_embeds,) = session("text_encoder").run(None, {"input_ids": ids, "attention_mask": mask})
         for t, s in zip(texts, (image_embeds @ text_embeds.T)[0], strict=True):
             print(f"ITC {s:+.3f}  {t}")
-    (cross,) = session("text_decoder_cross").run(None, {"context": feats})
+    cross_tower = session("text_decoder_cross")  # each layer's cross-attention keys and values, once per image
+    cross = dict(zip([o.name for o in cross_tower.get_outputs()], cross_tower.run(None, {"context": feats}),
+                     strict=True))
     step = session("text_decoder")
     out, past = [text["bos_token_id"]], empty_cache(text)
     for _ in range(steps):
@@ -55,7 +57,7 @@ def blip(directory: Path, image: np.ndarray, texts: list[str], tok: Tokenizer, c
         logits, past = step.run(None, {
             "input_ids": np.array([[out[-1]]], np.int64), "positions": np.array([[n - 1]], np.int64),
             "attention_mask": np.ones((1, n), np.int64), "context_mask": np.ones(feats.shape[:2], np.int64),
-            "cross_kv": cross, "past_kv": past})
+            "past_kv": past, **cross})
         nxt = int(logits[0, -1].argmax())
         if nxt == text["sep_token_id"]:
             break

@@ -21,7 +21,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from blipkit.export import export_onnx
 
     if args.quantize not in (None, "int8"):
-        raise InputError(f"--quantize {args.quantize}: an ONNX export takes int8 (onnxruntime's dynamic int8)")
+        raise InputError(f"--quantize {args.quantize}: an ONNX export takes int8 (the decoding towers' weights in "
+                         "int8 blocks, onnxruntime's MatMulNBits)")
     if args.dtype not in (None, "float32") or args.device not in (None, "cpu"):
         raise InputError("an ONNX export is written from float32 weights on the CPU: drop --dtype / --device")
     out = check_output_dir(args.out, "--out")

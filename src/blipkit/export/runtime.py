@@ -74,6 +74,9 @@ class Runner:
         for name, entry in manifest["towers"].items():
             options = ort.SessionOptions()
             options.log_severity_level = 3  # warnings about unused initializers are noise here
+            # no busy-waiting between calls: decoding runs Python (and torch) between steps on the same cores
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            options.intra_op_num_threads = torch.get_num_threads()  # as many threads as torch uses
             session = ort.InferenceSession(str(directory / entry["file"]), options, providers=["CPUExecutionProvider"])
             calls[name] = call(session, entry["inputs"])
         return cls(calls, str(directory))
@@ -90,6 +93,9 @@ def read_manifest(directory: Path) -> dict:
                                                                                               dict):
         raise CheckpointError(f"{path} is not a blipkit ONNX manifest (format {FORMAT!r}); export the model again")
     for name, entry in manifest["towers"].items():
+        if name == "text_decoder" and "cross_kv" in entry.get("inputs", []):
+            raise CheckpointError(f"{directory} was exported by an earlier blipkit (one stacked cross_kv input to the "
+                                  "text_decoder tower, now one per layer); export the model again")
         file = directory / str(entry.get("file", ""))
         if not file.is_file():
             raise CheckpointError(f"{directory}: the {name} tower's file {file.name} is missing; export the model "
@@ -193,7 +199,7 @@ class OnnxBlip(_OnnxMixin, Blip):
             ctx = context.repeat_interleave(rows, 0)
             cmask = (context_mask.repeat_interleave(rows, 0) if context_mask is not None
                      else torch.ones(ctx.shape[:2], dtype=torch.long))
-            cross = run("text_decoder_cross", ctx)[0]
+            cross = run("text_decoder_cross", ctx)  # 2 L tensors: each layer's keys and values
 
             def step(ids: Tensor, state):
                 if state is None:
@@ -204,7 +210,7 @@ class OnnxBlip(_OnnxMixin, Blip):
                     past, mask, cm, cr = state
                     mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
                     pos = mask.sum(-1, keepdim=True) - 1
-                logits, present = run("text_decoder", ids, pos, mask, cm, cr, past)
+                logits, present = run("text_decoder", ids, pos, mask, cm, past, *cr)
                 return logits[:, -1], (present, mask, cm, cr)
 
             return step
@@ -225,9 +231,9 @@ class OnnxBlip(_OnnxMixin, Blip):
         pos = torch.arange(T).expand(n, T)
         out = []
         for q in range(states.shape[0]):
-            cross = self.runner("text_decoder_cross", states[q : q + 1].expand(n, -1, -1))[0]
+            cross = self.runner("text_decoder_cross", states[q : q + 1].expand(n, -1, -1))
             cm = qmask[q : q + 1].expand(n, -1)
-            logits, _ = self.runner("text_decoder", ids, pos, amask, cm, cross, self._decoder_kv(n))
+            logits, _ = self.runner("text_decoder", ids, pos, amask, cm, self._decoder_kv(n), *cross)
             lp = logits[:, :-1].float().log_softmax(-1)
             tok = lp.gather(2, targets.clamp(min=0)[..., None]).squeeze(-1)
             out.append((tok * (targets != -100)).sum(-1))
@@ -238,9 +244,9 @@ class OnnxBlip(_OnnxMixin, Blip):
         ids, _ = self.tokens(answers)
         n = states.shape[0]
         bos = torch.full((n, 1), self.config.text_config.bos_token_id)
-        cross = self.runner("text_decoder_cross", states)[0]
-        logits, _ = self.runner("text_decoder", bos, torch.zeros_like(bos), torch.ones_like(bos), qmask, cross,
-                                self._decoder_kv(n))
+        cross = self.runner("text_decoder_cross", states)
+        logits, _ = self.runner("text_decoder", bos, torch.zeros_like(bos), torch.ones_like(bos), qmask,
+                                self._decoder_kv(n), *cross)
         first = logits[:, 0].float().log_softmax(-1)[:, ids[:, 1]]  # (Nq, Na)
         top = first.topk(k, dim=-1).indices
         scores = torch.full(first.shape, float("-inf"))

@@ -79,31 +79,40 @@ class GroundedTextTower(nn.Module):
 
 
 class DecoderCrossTower(nn.Module):
-    """BLIP text decoder: the context (R, P, W) -> every layer's cross-attention keys/values (R, L, 2, nh, P, hs)."""
+    """BLIP text decoder: the context (R, P, W) -> each layer's cross-attention keys and values, 2 L tensors
+    (R, nh, P, hs) in the order k0, v0, k1, v1, ...
+
+    They are separate tensors, not one stacked cache, because a graph runtime copies whatever it slices: the step
+    would copy every layer's keys and values out of one stacked input on every token (42 MB a step at BLIP-base).
+    """
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.bert = model.text_decoder.bert
 
-    def forward(self, context: Tensor) -> Tensor:
-        return _stack(self.bert.cross_kv(context))
+    def forward(self, context: Tensor) -> tuple[Tensor, ...]:
+        return tuple(t for pair in self.bert.cross_kv(context) for t in pair)
+
+
+def cross_names(layers: int) -> list[str]:
+    """Names of the per-layer cross-attention keys / values passed from `DecoderCrossTower` to `DecoderStepTower`."""
+    return [f"cross_{kv}{i}" for i in range(layers) for kv in "kv"]
 
 
 class DecoderStepTower(nn.Module):
     """One cached step of the BLIP text decoder.
 
     Inputs: input_ids (R, t) new tokens, positions (R, t), attention_mask (R, S + t) over cached and new tokens,
-    context_mask (R, P), cross_kv (R, L, 2, nh, P, hs) from `DecoderCrossTower`, past_kv (R, L, 2, nh, S, hs).
-    Outputs: logits (R, t, V), present_kv (R, L, 2, nh, S + t, hs).
+    context_mask (R, P), past_kv (R, L, 2, nh, S, hs), then the 2 L cross-attention keys / values (R, nh, P, hs) from
+    `DecoderCrossTower`. Outputs: logits (R, t, V), present_kv (R, L, 2, nh, S + t, hs).
     """
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.text_decoder = model.text_decoder
 
-    def forward(self, input_ids, positions, attention_mask, context_mask, cross_kv, past_kv) -> tuple[Tensor, Tensor]:
-        cache = [(past_kv[:, i, 0], past_kv[:, i, 1], cross_kv[:, i, 0], cross_kv[:, i, 1])
-                 for i in range(past_kv.shape[1])]
+    def forward(self, input_ids, positions, attention_mask, context_mask, past_kv, *cross) -> tuple[Tensor, Tensor]:
+        cache = [(past_kv[:, i, 0], past_kv[:, i, 1], cross[2 * i], cross[2 * i + 1]) for i in range(past_kv.shape[1])]
         logits, new = self.text_decoder(
             input_ids, attention_mask=attention_mask, context_mask=context_mask, cache=cache, positions=positions
         )
@@ -193,18 +202,18 @@ def blip_towers(model: nn.Module) -> dict[str, Tower]:
         context = feats if model.has("vision_proj") or not model.has("text_encoder") else \
             torch.zeros(2, 5, tc.hidden_size)  # the VQA answer decoder reads the question states
         L, nh, hs = tc.num_hidden_layers, tc.num_attention_heads, tc.hidden_size // tc.num_attention_heads
-        cross = torch.zeros(_kv_shape(L, 2, nh, context.shape[1], hs))
-        out["text_decoder_cross"] = Tower(DecoderCrossTower(model), (context,), ["context"], ["cross_kv"],
-                                          {"context": {0: "r", 1: "p"}, "cross_kv": {0: "r", 4: "p"}})
+        cross, names = [torch.zeros(2, nh, context.shape[1], hs) for _ in range(2 * L)], cross_names(L)
+        cross_axes = {n: {0: "r", 2: "p"} for n in names}
+        out["text_decoder_cross"] = Tower(DecoderCrossTower(model), (context,), ["context"], names,
+                                          {"context": {0: "r", 1: "p"}, **cross_axes})
         step_ids = torch.full((2, 1), tc.bos_token_id)
         out["text_decoder"] = Tower(
             DecoderStepTower(model),
             (step_ids, torch.full((2, 1), 3), torch.ones(2, 4, dtype=torch.long), torch.ones(2, context.shape[1],
-             dtype=torch.long), cross, torch.zeros(_kv_shape(L, 2, nh, 3, hs))),
-            ["input_ids", "positions", "attention_mask", "context_mask", "cross_kv", "past_kv"],
-            ["logits", "present_kv"],
+             dtype=torch.long), torch.zeros(_kv_shape(L, 2, nh, 3, hs)), *cross),
+            ["input_ids", "positions", "attention_mask", "context_mask", "past_kv", *names], ["logits", "present_kv"],
             {"input_ids": {0: "r", 1: "t"}, "positions": {0: "r", 1: "t"}, "attention_mask": {0: "r", 1: "s_t"},
-             "context_mask": {0: "r", 1: "p"}, "cross_kv": {0: "r", 4: "p"}, "past_kv": {0: "r", 4: "s"},
+             "context_mask": {0: "r", 1: "p"}, "past_kv": {0: "r", 4: "s"}, **cross_axes,
              "logits": {0: "r", 1: "t"}, "present_kv": {0: "r", 4: "s_t"}})
     return out
 
