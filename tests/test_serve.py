@@ -349,7 +349,7 @@ def test_api_key():
 @pytest.mark.parametrize(("flags", "message"), [
     (["--threads", "0"], "--threads 0: use 1 or more"), (["--max-batch", "0"], "--max-batch 0: use 1"),
     (["--max-wait-ms", "-1"], "--max-wait-ms -1.0: use 0 or more"), (["--port", "70000"], "--port 70000"),
-    (["--api-key", " "], "--api-key is blank")])
+    (["--api-key", " "], "--api-key is blank"), (["--gather", "-1"], "--gather -1.0: use 0")])
 def test_serve_command_checks_its_options_before_loading(flags, message, capsys):
     from blipkit import cli
 

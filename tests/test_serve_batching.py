@@ -22,6 +22,7 @@ from PIL import Image  # noqa: E402
 import blipkit  # noqa: E402
 from blipkit.errors import InputError  # noqa: E402
 from blipkit.serve import Batcher, create_app, jobs  # noqa: E402
+from blipkit.serve.batching import gather_wait  # noqa: E402
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 IMAGES = sorted(EXAMPLES.glob("*.png"))
@@ -138,8 +139,99 @@ def test_an_eager_batcher_waits_only_for_requests_on_their_way():
     assert together.result(timeout=30) == 5
 
 
+def wait_of(queued=1, coming=0, limit=16, recent=1, free=10.0, first=9.0, last=0.2, gather=0.5, max_wait=0.005,
+            now=10.0) -> float:
+    """`gather_wait` with the model free since t=10 s after a call of 0.2 s, the batch's first request queued at 9 s."""
+    return gather_wait(queued, coming, limit, recent, free, first, last, gather, max_wait, now)
+
+
+def test_the_gathering_rule_on_a_fake_clock():
+    # a lone client: its last call had one request in flight, so its next one starts at once
+    assert wait_of(queued=1, recent=1) <= 0
+    # a request on its way is waited for: at most half the last call after the model became free
+    assert wait_of(queued=1, coming=1) == pytest.approx(0.1)
+    assert wait_of(queued=1, coming=1, now=10.1) <= 0
+    # clients taking turns: 16 in flight during the last call, 8 queued now: wait for the other 8
+    assert wait_of(queued=8, recent=16) == pytest.approx(0.1)
+    assert wait_of(queued=15, recent=16, now=10.06) == pytest.approx(0.04)
+    assert wait_of(queued=16, recent=16) <= 0
+    assert wait_of(queued=8, coming=3, recent=16, now=10.1) <= 0  # the bound passed: start with what is queued
+    # never more than a call takes: 64 in flight, 16 a call
+    assert wait_of(queued=16, recent=64, limit=16) <= 0
+    assert wait_of(queued=20, recent=64, limit=16) <= 0
+    # the bound counts from when the model became free, or from the first request when it came later (an idle model)
+    assert wait_of(queued=2, recent=4, free=0.0, first=100.0, now=100.0) == pytest.approx(0.1)
+    assert wait_of(queued=2, recent=4, free=10.0, first=2.0, now=10.0) == pytest.approx(0.1)
+    # at least max_wait, when the last call was short; the fraction scales with the call
+    assert wait_of(queued=2, recent=4, last=0.001) == pytest.approx(0.005)
+    assert wait_of(queued=2, recent=4, last=1.0, gather=0.25) == pytest.approx(0.25)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_a_gathering_batcher_brings_clients_that_take_turns_together():
+    """Controlled arrivals on a fake clock: two halves of 8 become one batch of 16, and a lone client after them waits
+    once (the bound), then no more."""
+    clock, sizes, started = FakeClock(), [], threading.Semaphore(0)
+    gates = [threading.Event() for _ in range(8)]
+
+    def run(items: list[int]) -> list[int]:  # each call lasts 0.25 s on the fake clock, once its gate opens
+        sizes.append(len(items))
+        started.release()
+        assert gates[len(sizes) - 1].wait(30)
+        clock.t += 0.25
+        return items
+
+    def call_started() -> None:
+        assert started.acquire(timeout=30)
+
+    batcher = Batcher(max_batch=64, max_wait_ms=0, eager=True, gather=0.5, clock=clock)
+    try:
+        gates[0].set()  # one client alone: nothing else in flight, its request starts at once
+        assert batcher.submit_future("k", -1, run).result(timeout=30) == -1 and sizes == [1]
+        with batcher.coming():  # the first half arrives together (the clock stands still: no bound passes)
+            first = [batcher.submit_future("k", i, run) for i in range(8)]
+        call_started()
+        call_started()
+        assert sizes == [1, 8]
+        second = [batcher.submit_future("k", i, run) for i in range(8, 16)]  # the other half queues meanwhile
+        gates[1].set()
+        assert [f.result(timeout=30) for f in first] == list(range(8))
+        # the model is free with 8 queued, 16 were in flight: it waits for the others
+        time.sleep(0.2)
+        assert sizes == [1, 8] and not any(f.running() for f in second)
+        again = [batcher.submit_future("k", i, run) for i in range(8)]  # the first half comes back
+        call_started()
+        assert sizes == [1, 8, 16]
+        gates[2].set()
+        assert [f.result(timeout=30) for f in second + again] == list(range(8, 16)) + list(range(8))
+        # all but one client leave: the lone request waits until half the last call has passed, once
+        lone = batcher.submit_future("k", 99, run)
+        time.sleep(0.2)
+        assert sizes == [1, 8, 16] and not lone.running()
+        clock.t += 0.125  # half the last call
+        with batcher.coming():  # (wakes the worker to read the clock)
+            pass
+        call_started()
+        gates[3].set()
+        assert lone.result(timeout=30) == 99 and sizes == [1, 8, 16, 1]
+        # its call had one request in flight: the next starts at once, the clock still standing
+        gates[4].set()
+        assert batcher.submit_future("k", 100, run).result(timeout=30) == 100 and sizes == [1, 8, 16, 1, 1]
+    finally:
+        for gate in gates:
+            gate.set()
+        batcher.close()
+
+
 def test_a_lone_request_does_not_wait_for_company(model):
-    """The app's batcher is eager: one client alone is not slowed by --max-wait-ms."""
+    """The app's batcher (gathering, by default) does not slow one client alone by --max-wait-ms."""
     with TestClient(create_app(model, max_batch=16, max_wait_ms=60_000)) as client:
         start = time.monotonic()
         r = client.post("/api/match", files=[("image", ("a.png", IMAGES[0].read_bytes(), "image/png"))],

@@ -27,6 +27,8 @@ def _check(args: argparse.Namespace) -> None:
         raise InputError(f"--max-batch {args.max_batch}: use 1 (no batching) or more")
     if args.max_wait_ms < 0:
         raise InputError(f"--max-wait-ms {args.max_wait_ms}: use 0 or more")
+    if args.gather < 0:
+        raise InputError(f"--gather {args.gather}: use 0 (start at once what is queued) or more")
     if args.max_body_mb <= 0:
         raise InputError(f"--max-body-mb {args.max_body_mb}: use a positive size")
     if args.api_key is not None and not args.api_key.strip():
@@ -65,7 +67,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     limits = Limits(max_body_bytes=int(args.max_body_mb * 1024 * 1024))
     app = create_app(model, index=index, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, limits=limits,
-                     api_key=args.api_key, process=args.model_process, threads=args.threads)
+                     api_key=args.api_key, process=args.model_process, threads=args.threads,
+                     gather=args.gather)
     if not _loopback(args.host) and args.api_key is None:
         print(f"blipkit serve: listening on {args.host}, reachable from other machines, without --api-key",
               file=sys.stderr)
@@ -95,6 +98,9 @@ def add_commands(subparsers: Any, common: argparse.ArgumentParser) -> None:
                    "1: no batching)")
     p.add_argument("--max-wait-ms", type=float, default=5.0,
                    help="longest a request waits for others to join its batch (default 5)")
+    p.add_argument("--gather", type=float, default=0.5,
+                   help="once the model is free, wait for as many requests as its last call had in flight, at most "
+                        "this fraction of that call (default 0.5; 0: start at once what is queued)")
     p.add_argument("--threads", type=int, default=None, help="torch threads of the model calls (default: one less "
                    "than the cores, leaving one to the HTTP work; with --no-model-process, torch's: one per core)")
     p.add_argument("--model-process", action=argparse.BooleanOptionalAction, default=True,

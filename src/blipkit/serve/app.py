@@ -174,22 +174,26 @@ def create_app(
     api_key: str | None = None,
     process: bool = False,
     threads: int | None = None,
+    gather: float = 0.5,
 ) -> FastAPI:
     """The FastAPI app serving `model` (and, for /api/search, `index`: a `blipkit.Index`).
 
     Args:
         max_batch: most requests of one kind in one model call (1: no batching).
-        max_wait_ms: longest a request waits for others to join its batch.
+        max_wait_ms: longest a request waits for others to join its batch (with `gather`, the least a free model
+            may wait for them).
         limits: request limits (body size, images, pixels, texts).
         api_key: when given, every endpoint except the page, the docs and /api/health needs it.
         process: run the model calls in a process of their own (`worker.ModelProcess`), so they never wait for the
             server's interpreter lock; /api/search stays in this process.
         threads: torch threads of that process (default: one less than the cores; without `process`, the model
             calls use this process's torch setting).
+        gather: once the model is free, wait for as many requests as its last call had in flight, at most this
+            fraction of that call (`Batcher`); 0: start at once what is queued (a lone request never waits).
     """
     limits = limits or Limits()
     metrics = Metrics()
-    batcher = Batcher(max_batch, max_wait_ms, on_batch=metrics.batch, eager=True)
+    batcher = Batcher(max_batch, max_wait_ms, on_batch=metrics.batch, eager=True, gather=gather)
     can = capabilities(model)
     child = ModelProcess(model, threads) if process else None
 
@@ -357,7 +361,8 @@ def create_app(
 
         return {"model": {"name": model.name_or_path, "family": model.family, "capabilities": can},
                 "search": index is not None, "available": list_models(), "limits": asdict(limits),
-                "batching": {"max_batch": max_batch, "max_wait_ms": max_wait_ms, "model_process": child is not None}}
+                "batching": {"max_batch": max_batch, "max_wait_ms": max_wait_ms, "gather": gather,
+                             "model_process": child is not None}}
 
     @app.get("/api/health", tags=["server"], summary="liveness")
     async def health() -> dict:

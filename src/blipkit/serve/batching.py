@@ -14,6 +14,15 @@ An `eager` batcher does not make sequential traffic wait: when the last batch of
 request announced by `coming()` is on its way (being received and decoded), a lone item runs at once instead of
 waiting out `max_wait_ms` for company that will not come. Clients that came together (the last batch had several)
 still wait for each other.
+
+A `gather` batcher (a fraction, e.g. 0.5) goes further for clients that take turns: closed-loop clients (each sends
+its next request when its answer comes back) split into halves, one half's requests queueing while the model runs
+the other's, so every call takes about half of them and pays the call's fixed cost twice. When the model becomes
+free, a gather batcher waits for as many requests of the kind as its last call had in flight (the call's own, plus
+those that queued or were on their way while it ran), capped by `max_batch`, counting the requests on their way now;
+a call starts once that many are queued, or when `gather` times the kind's last call (at least `max_wait_ms`) has
+passed since the model became free. A lone client's last call had one request in flight, so its next one starts at
+once; when clients leave, the count falls with the next call. The rule is `gather_wait`.
 """
 
 from __future__ import annotations
@@ -30,6 +39,23 @@ from typing import Any
 from ..errors import BlipkitError
 
 Run = Callable[[list[Any]], list[Any]]
+
+
+def gather_wait(queued: int, coming: int, limit: int, recent: int, free: float, first: float, last: float,
+                gather: float, max_wait: float, now: float) -> float:
+    """Seconds a gathering batch still waits once the model is free (<= 0: start it now).
+
+    Args:
+        queued: the batch's requests already queued; coming: requests on their way (of any kind).
+        limit: the most the batch takes; recent: requests its kind had in flight during its last call.
+        free: when the model became free; first: when the batch's first request arrived; last: the seconds of the
+            kind's last call; gather: the fraction of `last` the model may wait; max_wait: the least it may wait.
+        now: the clock (the same one as `free` and `first`).
+    """
+    want = min(limit, max(recent, queued + coming))
+    if queued >= want:
+        return 0.0
+    return max(free, first) + max(max_wait, gather * last) - now
 
 
 @dataclass
@@ -52,16 +78,23 @@ class Batcher:
         on_batch: called after each batch as `on_batch(kind, size, seconds)` (metrics).
         eager: run a lone item at once when its kind's last batch was one item and no request announced by
             `coming()` is on its way.
+        gather: when above 0, the gathering rule instead (`gather_wait`): a free model waits for as many items as
+            the kind's last call had in flight, at most this fraction of that call (and at least `max_wait_ms`).
+        clock: the time in seconds (tests pass a fake one).
     """
 
     def __init__(self, max_batch: int = 16, max_wait_ms: float = 5.0,
-                 on_batch: Callable[[str, int, float], None] | None = None, eager: bool = False) -> None:
-        if max_batch < 1 or max_wait_ms < 0:
-            raise ValueError(f"max_batch={max_batch}, max_wait_ms={max_wait_ms}: use max_batch >= 1, max_wait_ms >= 0")
+                 on_batch: Callable[[str, int, float], None] | None = None, eager: bool = False,
+                 gather: float = 0.0, clock: Callable[[], float] = time.monotonic) -> None:
+        if max_batch < 1 or max_wait_ms < 0 or gather < 0:
+            raise ValueError(f"max_batch={max_batch}, max_wait_ms={max_wait_ms}, gather={gather}: use max_batch >= 1, "
+                             "max_wait_ms >= 0, gather >= 0")
         self.max_batch, self.max_wait = max_batch, max_wait_ms / 1000
-        self.on_batch, self.eager = on_batch, eager
+        self.on_batch, self.eager, self.gather, self.clock = on_batch, eager, gather, clock
         self._coming = 0  # requests announced by coming() that have not submitted yet
         self._last: dict[str, int] = {}  # size of each kind's last batch
+        self._recent: dict[str, tuple[int, float]] = {}  # each kind's last call: requests in flight, seconds
+        self._free = clock()  # when the model last became free
         self._groups: dict[Hashable, _Group] = {}  # insertion order: the oldest key first
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -83,7 +116,7 @@ class Batcher:
             key = (kind, key if batch else object())  # an item that does not batch gets a key of its own
             group = self._groups.get(key)
             if group is None:
-                group = self._groups[key] = _Group(kind, run, self.max_batch if batch else 1, time.monotonic())
+                group = self._groups[key] = _Group(kind, run, self.max_batch if batch else 1, self.clock())
             group.items.append((item, future))
             self._cond.notify()
         return future
@@ -142,16 +175,23 @@ class Batcher:
                     self._cond.wait()
                     continue
                 key, group = next(iter(self._groups.items()))
-                left = group.first + self.max_wait - time.monotonic()
-                # a lone request of sequential traffic (its kind's last batch was one request too, and nothing else
-                # is on its way) runs at once; clients that came together wait for each other, as they did before
-                alone = self.eager and self._coming == 0 and self._last.get(group.kind, 1) <= 1
+                now = self.clock()
+                if self.gather > 0:
+                    recent, last = self._recent.get(group.kind, (1, 0.0))
+                    left = gather_wait(len(group.items), self._coming, group.limit, recent, self._free, group.first,
+                                       last, self.gather, self.max_wait, now)
+                    alone = False
+                else:
+                    left = group.first + self.max_wait - now
+                    # a lone request of sequential traffic (its kind's last batch was one request too, and nothing
+                    # else is on its way) runs at once; clients that came together wait for each other
+                    alone = self.eager and self._coming == 0 and self._last.get(group.kind, 1) <= 1
                 if len(group.items) >= group.limit or left <= 0 or self._closed or alone:
                     taken, group.items = group.items[: group.limit], group.items[group.limit :]
                     self._last[group.kind] = len(taken)
                     if group.items:  # the rest waits as a new batch, behind the other keys
                         del self._groups[key]
-                        group.first = time.monotonic()
+                        group.first = now
                         self._groups[key] = group
                     else:
                         del self._groups[key]
@@ -164,10 +204,17 @@ class Batcher:
             live = [(item, fut) for item, fut in taken if fut.set_running_or_notify_cancel()]
             if not live:
                 continue
-            start = time.perf_counter()
+            start = self.clock()
             self._run(group.run, live)
+            end = self.clock()
+            seconds = end - start
+            with self._cond:
+                # in flight during the call: its own requests, and those that queued or were on their way meanwhile
+                waiting = sum(len(g.items) for g in self._groups.values() if g.kind == group.kind)
+                self._recent[group.kind] = (len(live) + waiting + self._coming, seconds)
+                self._free = end
             if self.on_batch is not None:
-                self.on_batch(group.kind, len(live), time.perf_counter() - start)
+                self.on_batch(group.kind, len(live), seconds)
 
     @staticmethod
     def _run(run: Run, live: list[tuple[Any, Future]]) -> None:
