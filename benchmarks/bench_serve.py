@@ -4,6 +4,7 @@
     python benchmarks/bench_serve.py --clients 16 --seconds 10 --threads 2
     python benchmarks/bench_serve.py --load-client httpx     # drive with httpx instead of the lean client
     python benchmarks/bench_serve.py --server-args=--no-model-process   # the model calls in the server's process
+    python benchmarks/bench_serve.py --clients 16 --compare-gather 0     # also a batched server with --gather 0
 
 Starts two `blipkit serve` (the shipped scenes-blip) subprocesses on free 127.0.0.1 ports, one with batching
 (--max-batch 64 --max-wait-ms 5 unless told otherwise) and one without (--max-batch 1), and drives them with N
@@ -14,7 +15,8 @@ of equal time rather than of equal requests: the batched server's rounds would o
 each round starts with its clients arriving together and ends with its last batches half empty.
 Prints p50 / p99 latency, requests/s, errors, requests per model call, each server's CPU time per request and that
 of its model process (Linux), and the ratio of batched to unbatched requests/s; then how fast bad inputs (a
-decompression bomb, a non-image, an oversized body) are refused.
+decompression bomb, a non-image, an oversized body) are refused. `--compare-gather F` adds a third server, batched
+with `--gather F` (e.g. 0: the rule before the gathering one), in the same alternating rounds.
 
 The load generator runs on the same cores as the servers. By default it is a lean keep-alive HTTP/1.1 client (one
 connection per client, the request bytes built once) so that it takes little of them; `--load-client httpx` uses
@@ -252,12 +254,18 @@ def main() -> None:
     parser.add_argument("--max-wait-ms", type=float, default=5.0, help="its --max-wait-ms (default 5)")
     parser.add_argument("--server-args", default="", help="more options of both servers, e.g. '--no-model-process'")
     parser.add_argument("--load-client", choices=["lean", "httpx"], default="lean", help="the load generator")
+    parser.add_argument("--compare-gather", type=float, default=None, metavar="F",
+                        help="also measure a batched server with --gather F, alternating with the other two")
     args = parser.parse_args()
 
     servers: dict[str, tuple[subprocess.Popen, str]] = {}
     try:
-        for mode, (batch, wait) in {"batched": (args.max_batch, args.max_wait_ms), "unbatched": (1, 0.0)}.items():
-            servers[mode] = start(batch, wait, args.threads, args.server_args.split())
+        modes = {"batched": (args.max_batch, args.max_wait_ms, []), "unbatched": (1, 0.0, [])}
+        if args.compare_gather is not None:
+            modes[f"gather {args.compare_gather:g}"] = (args.max_batch, args.max_wait_ms,
+                                                        [f"--gather={args.compare_gather}"])
+        for mode, (batch, wait, own) in modes.items():
+            servers[mode] = start(batch, wait, args.threads, args.server_args.split() + own)
             asyncio.run(load(servers[mode][1], 4, 20, 30, args.load_client == "lean"))  # warm-up
         results = {}
         for c in args.clients:
@@ -276,7 +284,8 @@ def main() -> None:
 
     threads = args.threads or "torch's default"
     print(f"\n/api/match, one image + 3 texts per request, scenes-blip, loopback, threads: {threads}, "
-          f"batched: --max-batch {args.max_batch} --max-wait-ms {args.max_wait_ms:g}, load client: {args.load_client}")
+          f"batched: --max-batch {args.max_batch} --max-wait-ms {args.max_wait_ms:g} (other options: the server's "
+          f"defaults{', ' + args.server_args if args.server_args else ''}), load client: {args.load_client}")
     print(f"{'clients':>7}  {'batched req/s':>13}  {'p50 / p99 ms':>15}  {'unbatched req/s':>15}  "
           f"{'p50 / p99 ms':>15}  {'ratio':>6}  req/call  CPU ms/req (b / u): server   model  errors")
     for c, got in results.items():
@@ -285,6 +294,12 @@ def main() -> None:
               f"{u['p50'] * 1000:6.0f} / {u['p99'] * 1000:6.0f}  {b['rps'] / u['rps']:5.2f}x  {b['per_call']:8.1f}  "
               f"{b['server_ms']:11.1f} / {u['server_ms']:<4.1f} {b['model_ms']:5.1f} / {u['model_ms']:<4.1f} "
               f"{b['errors'] + u['errors']:>6}")
+        if args.compare_gather is not None:
+            g = got[f"gather {args.compare_gather:g}"]
+            print(f"{'':>7}  --gather {args.compare_gather:g}: {g['rps']:.1f} req/s, p50 / p99 {g['p50'] * 1000:.0f} / "
+                  f"{g['p99'] * 1000:.0f} ms, {g['rps'] / u['rps']:.2f}x unbatched, {g['per_call']:.1f} req/call, "
+                  f"CPU ms/req server {g['server_ms']:.1f}, model {g['model_ms']:.1f}, errors {g['errors']}; "
+                  f"batched / this: {b['rps'] / g['rps']:.2f}x")
 
 
 if __name__ == "__main__":
