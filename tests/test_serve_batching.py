@@ -230,9 +230,10 @@ def test_a_gathering_batcher_brings_clients_that_take_turns_together():
         batcher.close()
 
 
-def test_a_lone_request_does_not_wait_for_company(model):
-    """The app's batcher (gathering, by default) does not slow one client alone by --max-wait-ms."""
-    with TestClient(create_app(model, max_batch=16, max_wait_ms=60_000)) as client:
+@pytest.mark.parametrize("gather", [0.0, 0.5])
+def test_a_lone_request_does_not_wait_for_company(model, gather):
+    """The app's batcher, gathering or not, does not slow one client alone by --max-wait-ms."""
+    with TestClient(create_app(model, max_batch=16, max_wait_ms=60_000, gather=gather)) as client:
         start = time.monotonic()
         r = client.post("/api/match", files=[("image", ("a.png", IMAGES[0].read_bytes(), "image/png"))],
                         data={"texts": TEXTS[:2]})

@@ -98,9 +98,9 @@ def add_commands(subparsers: Any, common: argparse.ArgumentParser) -> None:
                    "1: no batching)")
     p.add_argument("--max-wait-ms", type=float, default=5.0,
                    help="longest a request waits for others to join its batch (default 5)")
-    p.add_argument("--gather", type=float, default=0.5,
+    p.add_argument("--gather", type=float, default=0.0,
                    help="once the model is free, wait for as many requests as its last call had in flight, at most "
-                        "this fraction of that call (default 0.5; 0: start at once what is queued)")
+                        "this fraction of that call (e.g. 0.5; default 0: start at once what is queued)")
     p.add_argument("--threads", type=int, default=None, help="torch threads of the model calls (default: one less "
                    "than the cores, leaving one to the HTTP work; with --no-model-process, torch's: one per core)")
     p.add_argument("--model-process", action=argparse.BooleanOptionalAction, default=True,

@@ -174,7 +174,7 @@ def create_app(
     api_key: str | None = None,
     process: bool = False,
     threads: int | None = None,
-    gather: float = 0.5,
+    gather: float = 0.0,
 ) -> FastAPI:
     """The FastAPI app serving `model` (and, for /api/search, `index`: a `blipkit.Index`).
 
@@ -189,7 +189,8 @@ def create_app(
         threads: torch threads of that process (default: one less than the cores; without `process`, the model
             calls use this process's torch setting).
         gather: once the model is free, wait for as many requests as its last call had in flight, at most this
-            fraction of that call (`Batcher`); 0: start at once what is queued (a lone request never waits).
+            fraction of that call (`Batcher`; e.g. 0.5); 0 (the default): start at once what is queued. A lone
+            request never waits either way.
     """
     limits = limits or Limits()
     metrics = Metrics()
