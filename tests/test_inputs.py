@@ -74,6 +74,20 @@ def test_sampled_captions_grouped_per_image(blip):
 
 
 @pytest.mark.parametrize("family", ["blip", "opt"])
+def test_extreme_penalty_and_temperature_still_decode(request, family):
+    """A repetition penalty or temperature near 0 pushes scores past the float range; decoding goes on (no NaN
+    probabilities), and sampling at a temperature near 0 picks what greedy decoding picks."""
+    model = request.getfixturevalue(family)
+    for options in ({"repetition_penalty": 5e-57, "do_sample": True, "min_new_tokens": 0},
+                    {"repetition_penalty": 5e-57, "num_beams": 3}, {"repetition_penalty": 1e300, "do_sample": True},
+                    {"temperature": 1e-45, "do_sample": True}):
+        out = model.caption([RED, BLUE], max_new_tokens=8, **options)
+        assert len(out) == 2 and all(isinstance(c, str) for c in out), options
+    greedy = model.caption([RED, BLUE], num_beams=1, max_new_tokens=8)
+    assert model.caption([RED, BLUE], num_beams=1, do_sample=True, temperature=1e-45, max_new_tokens=8) == greedy
+
+
+@pytest.mark.parametrize("family", ["blip", "opt"])
 def test_several_greedy_captions_refused(request, family):
     model = request.getfixturevalue(family)
     with pytest.raises(InputError, match=exactly(

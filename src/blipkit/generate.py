@@ -195,7 +195,8 @@ def _process(scores: Tensor, seqs: Tensor, seq_mask: Tensor, new: int, cfg: Gene
         picked = torch.where(picked < 0, picked * cfg.repetition_penalty, picked / cfg.repetition_penalty)
         # padding (mask 0) must not be penalised: scatter the unchanged score back for those positions
         picked = torch.where(seq_mask.bool(), picked, scores.gather(1, seqs))
-        scores = scores.scatter(1, seqs, picked)
+        # a penalty near 0 divides a positive score past the float range: the largest float keeps it the favourite
+        scores = scores.scatter(1, seqs, picked).clamp(max=torch.finfo(scores.dtype).max)
     if new < cfg.min_new_tokens:
         scores[:, eos] = float("-inf")
     return scores
@@ -204,7 +205,10 @@ def _process(scores: Tensor, seqs: Tensor, seq_mask: Tensor, new: int, cfg: Gene
 def _warp(scores: Tensor, cfg: GenerationConfig) -> Tensor:
     """Temperature, top-k and nucleus (top-p) filtering for sampling."""
     if cfg.temperature != 1.0:
-        scores = scores / cfg.temperature
+        warmed = scores / cfg.temperature
+        if bool(warmed.isposinf().any()):  # a temperature near 0 overflowed: the same distribution from each row's top
+            warmed = (scores - scores.amax(dim=-1, keepdim=True)) / cfg.temperature
+        scores = warmed
     if cfg.top_k:
         kth = scores.topk(min(cfg.top_k, scores.shape[-1])).values[:, -1:]
         scores = scores.masked_fill(scores < kth, float("-inf"))
