@@ -20,7 +20,7 @@ from blipkit.data.scenes import write_dataset
 from blipkit.errors import CheckpointError, InputError
 from blipkit.train import data as tdata
 from blipkit.train import loop
-from blipkit.train.losses import OBJECTIVES, Objectives, itc_loss, itm_loss, lm_loss, sample_hard_negatives
+from blipkit.train.losses import Objectives, itc_loss, itm_loss, lm_loss, sample_hard_negatives
 from blipkit.train.model import sample_pixels, scratch_model, whiten_patch_embedding
 from blipkit.train.tags import (
     PATCH_LABELS_FILE,
@@ -316,10 +316,10 @@ def test_cli_blip_stage_keeps_patch_objectives(scenes, tmp_path):
     assert blipkit.load(blip).family == "BLIP"
 
 
-def test_dense_objectives_add_patch_losses_to_blips(scenes):
+def test_dense_objectives_add_patch_losses_to_blips(scenes, tmp_path):
     model, items = _tiny(scenes)
     boxes = read_boxes(scenes / "annotations" / "train_boxes.json")
-    recipe = dense_blip_recipe(model, items, boxes, OBJECTIVES)
+    recipe = dense_blip_recipe(loop.blip_recipe(model, _cfg(tmp_path)), items, boxes)
     batch = recipe.collate([tdata.ItemDataset(items, model.processor, 0)[(0, i)] for i in range(4)])
     torch.manual_seed(0)
     losses = recipe.objectives(batch)
@@ -330,7 +330,7 @@ def test_dense_objectives_add_patch_losses_to_blips(scenes):
     features = model.vision_model(batch["pixels"])[:, 1:]
     assert torch.allclose(losses["patch_row"], heads.losses(features, batch)["patch_row"])
     with pytest.raises(InputError, match="no boxes for 1 of"):
-        dense_blip_recipe(model, items, {k: v for k, v in list(boxes.items())[1:]}, OBJECTIVES)
+        dense_blip_recipe(loop.blip_recipe(model, _cfg(tmp_path)), items, {k: v for k, v in list(boxes.items())[1:]})
 
 
 COLOURS = ("red", "blue", "green", "yellow", "purple", "orange", "white", "black")

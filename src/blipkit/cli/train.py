@@ -223,23 +223,25 @@ def _blip_model(args: argparse.Namespace, data):
     return model.float()
 
 
-def _to_train(args: argparse.Namespace, data, objectives: tuple[str, ...]):
-    """What the run trains: a BLIP model (the default stage) or the `Recipe` of a BLIP-2 stage or the LM."""
+def _to_train(args: argparse.Namespace, data, objectives: tuple[str, ...], cfg):
+    """What the run trains: a BLIP model (the default stage; with --patch-labels its `Recipe` with the patch
+    objectives, `cfg` the run's `TrainConfig`) or the `Recipe` of a BLIP-2 stage or the LM."""
     if args.stage == "blip":
         if not args.patch_labels:
             return _blip_model(args, data)
+        from ..train.loop import blip_recipe
         from ..train.tags import dense_blip_recipe, read_boxes
 
         if isinstance(data, str):
             raise InputError("--patch-labels reads each image's boxes by path: give a dataset dir or JSON, not tar "
                              "shards")
-        return dense_blip_recipe(_blip_model(args, data), data, read_boxes(_boxes_source(args, args.patch_labels)),
-                                 objectives, start=args.model, grad_checkpointing=args.grad_checkpointing)
+        boxes = read_boxes(_labels_file(args, args.patch_labels))
+        return dense_blip_recipe(blip_recipe(_blip_model(args, data), cfg), data, boxes, start=args.model)
     stages = {"tags": _tags_stage, "lm": _lm_stage, "qformer1": _qformer1_stage, "qformer2": _qformer2_stage}
     return stages[args.stage](args, data, objectives)
 
 
-def _boxes_source(args: argparse.Namespace, name: str) -> Path:
+def _labels_file(args: argparse.Namespace, name: str) -> Path:
     """A labels option's file: 'boxes' is the dataset's own boxes file of the split."""
     return Path(args.data) / "annotations" / f"{args.split}_boxes.json" if name == "boxes" else Path(name)
 
@@ -250,8 +252,8 @@ def _tags_stage(args: argparse.Namespace, data, objectives: tuple[str, ...]):
     if isinstance(data, str):
         raise InputError("--stage tags reads every caption of an image: give a dataset dir or JSON, not tar shards")
 
-    labels = read_labels(_boxes_source(args, args.tags)) if args.tags else None
-    boxes = read_boxes(_boxes_source(args, args.patch_labels)) if args.patch_labels else None
+    labels = read_labels(_labels_file(args, args.tags)) if args.tags else None
+    boxes = read_boxes(_labels_file(args, args.patch_labels)) if args.patch_labels else None
     return tags_recipe(_blip_model(args, data), data, min_count=args.tag_min_count or 20, labels=labels, boxes=boxes)
 
 
@@ -350,7 +352,7 @@ def run_train(args: argparse.Namespace) -> int:
         seed=args.seed, workers=args.workers, resume=not args.no_resume, stop_after=args.stop_after,
         skip_bad=args.skip_bad, lm_filter=args.lm_filter,
     )
-    result = train(_to_train(args, data, objectives), data, cfg, device=device)
+    result = train(_to_train(args, data, objectives, cfg), data, cfg, device=device)
     summary = {"out": str(cfg.out), "stage": args.stage, "step": result.step, "steps": cfg.steps,
                "seconds": round(result.seconds, 1), "losses": {k: round(v, 4) for k, v in result.losses.items()},
                "skipped": skipped, "interrupted": result.interrupted}

@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -42,9 +43,9 @@ from ..checkpoint import write_safetensors
 from ..data.readers import Item
 from ..data.scenes import SHAPES, draw_shape
 from ..errors import InputError
-from .data import Collate, Sample, _key
-from .loop import Recipe, set_grad_checkpointing
-from .losses import OBJECTIVES, Objectives
+from .data import Sample, _key
+from .loop import Recipe
+from .losses import Objectives
 from .vocab import words_in
 
 TAG_HEAD_FILE = "tag_head.safetensors"
@@ -288,15 +289,14 @@ class DenseObjectives(Objectives):
         return out
 
 
-class DenseCollate(Collate):
-    """`Collate` plus each patch field's soft targets ("patch_{field}")."""
+class DenseCollate:
+    """A BLIP batch (`collate`, e.g. `Collate`) plus each patch field's soft targets ("patch_{field}")."""
 
-    def __init__(self, tokenizer, max_length: int, patches: dict[int, dict[str, Tensor]]):
-        super().__init__(tokenizer, max_length)
-        self.patches = patches
+    def __init__(self, collate: Callable[[list[Sample]], dict[str, Tensor]], patches: dict[int, dict[str, Tensor]]):
+        self.collate, self.patches = collate, patches
 
     def __call__(self, samples: list[Sample]) -> dict[str, Tensor]:
-        batch = super().__call__(samples)
+        batch = self.collate(samples)
         add_patch_targets(batch, samples, self.patches)
         return batch
 
@@ -334,27 +334,29 @@ def load_patch_heads(heads: PatchHeads, classes: dict[str, list[str]], directory
     return True
 
 
-def dense_blip_recipe(model: Blip, items: list[Item], boxes: dict[str, list[dict]], objectives: tuple[str, ...],
-                      start: str | Path | None = None, grad_checkpointing: bool = False) -> Recipe:
-    """BLIP training (`blip_recipe`) with the patch objectives of `--patch-labels` kept on the image encoder. The
-    patch heads start from those a tags run saved in `start` (when its classes match), else fresh; they are saved
-    beside the model as a tags run saves them."""
-    from .. import save
+def _write_heads(directory: Path, heads: dict[str, Tensor], classes: dict[str, list[str]] | None) -> None:
+    """The heads beside a saved model (`TAG_HEAD_FILE`) and, with patch heads, their classes (`PATCH_LABELS_FILE`)."""
+    write_safetensors(heads, Path(directory) / TAG_HEAD_FILE)
+    if classes is not None:
+        (Path(directory) / PATCH_LABELS_FILE).write_text(json.dumps(classes, indent=1) + "\n")
 
-    set_grad_checkpointing(model, grad_checkpointing)
+
+def dense_blip_recipe(base: Recipe, items: list[Item], boxes: dict[str, list[dict]],
+                      start: str | Path | None = None) -> Recipe:
+    """BLIP training (`base`, a `blip_recipe`) with the patch objectives of `--patch-labels` kept on the image
+    encoder. The patch heads start from those a tags run saved in `start` (when its classes match), else fresh; they
+    are saved beside the model as a tags run saves them."""
+    model = base.objectives.model
     classes, patches = _patch_setup(model, items, boxes)
-    dense = DenseObjectives(model, objectives, classes)
+    dense = DenseObjectives(model, base.objectives.objectives, classes)
     if start is not None:
         load_patch_heads(dense.patch_heads, classes, start)
 
     def write(directory: Path) -> None:
-        save(model, directory)
-        heads = {f"patch_heads.{k}": v for k, v in dense.patch_heads.state_dict().items()}
-        write_safetensors(heads, Path(directory) / TAG_HEAD_FILE)
-        (Path(directory) / PATCH_LABELS_FILE).write_text(json.dumps(classes, indent=1) + "\n")
+        base.save(directory)
+        _write_heads(directory, {f"patch_heads.{k}": v for k, v in dense.patch_heads.state_dict().items()}, classes)
 
-    return Recipe(dense, DenseCollate(model.tokenizer, model.config.text_config.max_position_embeddings, patches),
-                  model.processor, write, find_unused_parameters=set(objectives) != set(OBJECTIVES))
+    return replace(base, objectives=dense, collate=DenseCollate(base.collate, patches), save=write)
 
 
 def tags_recipe(model: Blip, items: list[Item], min_count: int = 20, max_share: float = 0.5,
@@ -370,11 +372,9 @@ def tags_recipe(model: Blip, items: list[Item], min_count: int = 20, max_share: 
 
     def write(directory: Path) -> None:
         save(model, directory)
-        heads = {k: v for k, v in objectives.state_dict().items() if not k.startswith("model.")}
-        write_safetensors(heads, Path(directory) / TAG_HEAD_FILE)
+        _write_heads(directory, {k: v for k, v in objectives.state_dict().items() if not k.startswith("model.")},
+                     classes)
         (Path(directory) / TAGS_FILE).write_text(json.dumps(tags, indent=0) + "\n")
-        if classes is not None:
-            (Path(directory) / PATCH_LABELS_FILE).write_text(json.dumps(classes, indent=1) + "\n")
 
     return Recipe(objectives, TagCollate(tag_targets(items, tags, labels, per_item), patches), model.processor,
                   write, find_unused_parameters=True)
