@@ -51,7 +51,7 @@ def _features(model: BlipBase, jobs: list[Job]) -> ImageFeatures:
     if all(job.pixels is not None for job in jobs):
         pixels = torch.cat([job.pixels for job in jobs]).to(model.device, model.dtype)
         return model.vision_model(pixels).as_subclass(ImageFeatures)
-    return model.image_features([im for job in jobs for im in job.images])
+    return model.image_features(_inputs(jobs))
 
 
 def _split(values: list[Any], jobs: list[Job]) -> list[list[Any]]:
