@@ -30,6 +30,7 @@ from blipkit.train.tags import (
     build_tags,
     caption_tags,
     dense_blip_recipe,
+    load_patch_heads,
     object_place,
     patch_classes,
     patch_targets,
@@ -222,6 +223,17 @@ def test_patch_losses_by_hand(scenes):
     losses = recipe.objectives(batch)
     for f in ("shape", "colour", "where", "row", "column"):
         assert losses[f"patch_{f}"].item() == pytest.approx(math.log(heads[f].out_features), rel=1e-6)
+    assert losses["count"].item() == pytest.approx(math.log(heads.count_values), rel=1e-6)
+    # the count head's classes: every kind of each image counted by hand
+    objects = [boxes[it.key] for it in items[:4]]
+    counts = batch["counts"]
+    shapes = {o["shape"] for objs in objects for o in objs}
+    colours = {o["colour"] for objs in objects for o in objs}
+    kinds = 1 + len(shapes) + len(colours) + len(shapes) * len(colours)
+    assert counts.shape == (4, kinds) and heads["count"].out_features == kinds * heads.count_values
+    assert counts[:, 0].tolist() == [len(o) for o in objects]
+    assert heads.count_values == 1 + max(len(o) for o in objects)
+    assert counts.sum(1).tolist() == [4 * len(o) for o in objects]  # all + shape + colour + colour-and-shape
     assert heads["row"].out_features == heads["column"].out_features == grid
     with torch.no_grad():  # a head sure of "background" everywhere: the loss is 20 x the covered share of patches
         heads["shape"].bias[0] = 20.0
@@ -269,7 +281,7 @@ def test_cli_tags_stage_then_blip_from_it(scenes, tmp_path):
             "--patch-labels", "boxes", "--json"]
     assert cli(args) == 0
     rows = [json.loads(line) for line in (out / loop.LOG_FILE).read_text().splitlines()]
-    for loss in ("tags", "patch_shape", "patch_colour", "patch_where", "patch_row", "patch_column"):
+    for loss in ("tags", "patch_shape", "patch_colour", "patch_where", "patch_row", "patch_column", "count"):
         assert sum(r[loss] for r in rows[-5:]) < sum(r[loss] for r in rows[:5]) - 0.1, loss
     tags = json.loads((out / TAGS_FILE).read_text())
     assert "red" in tags and (out / TAG_HEAD_FILE).is_file()
@@ -305,7 +317,7 @@ def test_cli_blip_stage_keeps_patch_objectives(scenes, tmp_path):
                 "--json"]) == 0
     rows = [json.loads(line) for line in (blip / loop.LOG_FILE).read_text().splitlines()]
     for loss in ("itc", "itm", "lm", "vqa", "patch_shape", "patch_colour", "patch_where", "patch_row",
-                 "patch_column"):
+                 "patch_column", "count"):
         assert loss in rows[0], loss
     heads = load_file(blip / TAG_HEAD_FILE)
     assert set(heads) == {k for k in saved if k.startswith("patch_heads.")}
@@ -327,10 +339,38 @@ def test_dense_objectives_add_patch_losses_to_blips(scenes, tmp_path):
     for k in ("itc", "itm", "lm", "vqa"):
         assert torch.allclose(losses[k], plain[k]) or k == "itm", k  # ITM draws its negatives at random
     heads = recipe.objectives.patch_heads
-    features = model.vision_model(batch["pixels"])[:, 1:]
+    features = model.vision_model(batch["pixels"])
     assert torch.allclose(losses["patch_row"], heads.losses(features, batch)["patch_row"])
+    assert torch.allclose(losses["count"], heads.losses(features, batch)["count"])
     with pytest.raises(InputError, match="no boxes for 1 of"):
         dense_blip_recipe(loop.blip_recipe(model, _cfg(tmp_path)), items, {k: v for k, v in list(boxes.items())[1:]})
+
+
+def test_patch_heads_start_each_from_a_run_with_the_same_classes(scenes, tmp_path):
+    """A run saved without the count head (its classes file has none): the BLIP stage starts every patch head from
+    it and the count head fresh; a head whose classes changed starts fresh too."""
+    model, items = _tiny(scenes)
+    boxes = read_boxes(scenes / "annotations" / "train_boxes.json")
+    tags = tags_recipe(model, items, min_count=1, boxes=boxes)
+    with torch.no_grad():
+        for head in tags.objectives.patch_heads.values():
+            head.weight.normal_()
+    tags.save(tmp_path)
+    classes = json.loads((tmp_path / PATCH_LABELS_FILE).read_text())
+    old = {k: v for k, v in classes.items() if k not in ("count", "count_values")}
+    old["where"] = old["where"][:-1]  # a head whose classes differ
+    (tmp_path / PATCH_LABELS_FILE).write_text(json.dumps(old))
+    heads = tags.objectives.patch_heads
+    assert load_patch_heads(dense_blip_recipe(loop.blip_recipe(model, _cfg(tmp_path / "b")), items,
+                                              boxes).objectives.patch_heads, classes, tmp_path) == [
+        "shape", "colour", "row", "column"]
+    fresh = dense_blip_recipe(loop.blip_recipe(model, _cfg(tmp_path / "b")), items, boxes, start=tmp_path)
+    for f in ("shape", "colour", "row", "column"):
+        assert torch.equal(fresh.objectives.patch_heads[f].weight, heads[f].weight), f
+    for f in ("where", "count"):
+        assert not torch.equal(fresh.objectives.patch_heads[f].weight, heads[f].weight), f
+    (tmp_path / PATCH_LABELS_FILE).write_text("[1, 2]")  # not a classes file: every head fresh
+    assert load_patch_heads(fresh.objectives.patch_heads, classes, tmp_path) == []
 
 
 COLOURS = ("red", "blue", "green", "yellow", "purple", "orange", "white", "black")

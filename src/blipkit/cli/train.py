@@ -106,10 +106,11 @@ def _train_model_options(p: argparse.ArgumentParser) -> None:
                    "(the objects of a scenes dataset: colour, shape, 'colour shape'), or a JSON file {image: [tags]}")
     p.add_argument("--patch-labels", default=None, metavar="BOXES",
                    help="--stage tags: also teach every patch the shape, colour and place (third of the image) of the "
-                   "object covering it, and its own row and column, from 'boxes' (a scenes dataset's boxes) or a "
-                   "boxes JSON [{image, objects: [{shape, colour, box_norm}]}]; "
+                   "object covering it, its own row and column, and the image's count of each kind of object, "
+                   "from 'boxes' (a scenes dataset's boxes) or a boxes JSON [{image, objects: [{shape, colour, "
+                   "box_norm}]}]; "
                    "--stage blip: keep teaching the image encoder those targets beside the image-text objectives "
-                   "(the patch heads start from --model's, when a tags run saved them with the same classes)")
+                   "(each head starts from --model's, when a run saved it with the same classes)")
     p.add_argument("--tag-min-count", type=integer(1), default=None,
                    help="--stage tags: a caption word or word pair is a tag when at least this many images use it "
                    "(default: 20) and at most half of them")

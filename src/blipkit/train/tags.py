@@ -16,7 +16,10 @@ Sixty-four targets per image instead of one set of tags teach the patch tokens w
 captioning, grounding and the question encoder read from the patches. Shape and colour alone are the same wherever
 an object sits: a ViT trained on them keeps little of where its patches are (the position embedding added at its
 input fades), and questions like "where is the red circle?" stay at chance however long the later objectives train.
-The row and column targets keep each patch's place in its output token.
+The row and column targets keep each patch's place in its output token. The `[CLS]` token learns how many objects
+the image holds in all, of each shape, of each colour and of each colour and shape (a class per count, absent ones
+zero): counts need the instances told apart, which the per-patch targets do not ask for when two objects of one
+kind touch.
 
 The stage trains the image encoder of a full BLIP model (built with `--arch`, its tokenizer built from the data, as
 for BLIP training from scratch) and saves that model, so the next run continues from it with every objective:
@@ -56,6 +59,7 @@ OBJECT_FIELDS = ("shape", "colour")  # what a boxes file names of each object
 PATCH_FIELDS = (*OBJECT_FIELDS, "where")  # what each patch learns of the object covering it
 # "where": the third of the image, across and down, that holds the object's centre
 GRID_FIELDS = ("row", "column")  # what each patch learns of itself: its place in the patch grid
+COUNT_FIELD, COUNT_VALUES = "count", "count_values"  # what the [CLS] token learns: the count of each kind (classes)
 PLACES = ("top left", "top", "top right", "left", "centre", "right", "bottom left", "bottom", "bottom right")
 
 
@@ -170,6 +174,24 @@ def patch_classes(boxes: dict[str, list[dict]], grid: int | None = None) -> dict
     return classes
 
 
+def count_classes(boxes: dict[str, list[dict]]) -> dict[str, list[str]]:
+    """The count head's classes: the kinds counted ("all", each shape, each colour, each "colour shape" the objects
+    use) as `COUNT_FIELD` and the counts ("0" up to the most objects of one image) as `COUNT_VALUES`."""
+    shapes = sorted({o["shape"] for objs in boxes.values() for o in objs})
+    colours = sorted({o["colour"] for objs in boxes.values() for o in objs})
+    most = max((len(objs) for objs in boxes.values()), default=0)
+    return {COUNT_FIELD: ["all", *shapes, *colours, *(f"{c} {s}" for c in colours for s in shapes)],
+            COUNT_VALUES: [str(n) for n in range(most + 1)]}
+
+
+def count_targets(objects: list[dict], classes: dict[str, list[str]]) -> Tensor:
+    """(kinds,) long tensor: how many of `objects` each kind of `count_classes` covers."""
+    counts = Counter({"all": len(objects)})
+    for o in objects:
+        counts.update((o["shape"], o["colour"], f"{o['colour']} {o['shape']}"))
+    return torch.tensor([counts[k] for k in classes[COUNT_FIELD]], dtype=torch.long)
+
+
 def object_place(obj: dict) -> str:
     """The `PLACES` entry of the third, across and down, holding the centre of `obj`'s box_norm."""
     x1, y1, x2, y2 = obj["box_norm"]
@@ -210,9 +232,12 @@ def patch_targets(objects: list[dict], classes: dict[str, list[str]], grid: int,
 
 
 def add_patch_targets(batch: dict[str, Tensor], samples: list[Sample], patches: dict[int, dict[str, Tensor]]) -> None:
-    """Each patch field's soft targets (`patch_targets` by image key) of the samples' images as "patch_{field}"."""
+    """Each patch field's soft targets (`patch_targets` by image key) of the samples' images as "patch_{field}",
+    and their counts (`count_targets`, when given as the `COUNT_FIELD` entry) as "counts"."""
     for f in PATCH_FIELDS:
         batch[f"patch_{f}"] = torch.stack([patches[s.image_key][f] for s in samples])
+    if samples and COUNT_FIELD in patches[samples[0].image_key]:
+        batch["counts"] = torch.stack([patches[s.image_key][COUNT_FIELD] for s in samples])
 
 
 class TagCollate:
@@ -231,17 +256,26 @@ class TagCollate:
 
 
 class PatchHeads(nn.ModuleDict):
-    """A linear head per patch field (`patch_classes`) on the ViT's patch tokens. `losses(patches, batch)`: soft
-    cross-entropy against "patch_{field}" for the object fields, and for "row" and "column" cross-entropy against
-    each patch's own place in the grid (row-major)."""
+    """A linear head per patch field (`patch_classes`) on the ViT's patch tokens and, with `count_classes`, a count
+    head on its `[CLS]` token. `losses(states, batch)` (states: the ViT's output, `[CLS]` first): soft cross-entropy
+    against "patch_{field}" for the object fields, for "row" and "column" cross-entropy against each patch's own
+    place in the grid (row-major), and for the counts the mean over the kinds of the cross-entropy against "counts"."""
 
     def __init__(self, width: int, classes: dict[str, list[str]]):
-        super().__init__({f: nn.Linear(width, len(c)) for f, c in classes.items()})
+        values = len(classes.get(COUNT_VALUES, ()))
+        super().__init__({f: nn.Linear(width, len(c) * values if f == COUNT_FIELD else len(c))
+                          for f, c in classes.items() if f != COUNT_VALUES})
+        self.count_values = values
 
-    def losses(self, patches: Tensor, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    def losses(self, states: Tensor, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         out = {}
+        patches = states[:, 1:]
         places = torch.arange(patches.shape[1], device=patches.device)
         for f, head in self.items():
+            if f == COUNT_FIELD:
+                logits = head(states[:, 0]).view(len(states), -1, self.count_values)
+                out[COUNT_FIELD] = F.cross_entropy(logits.flatten(0, 1), batch["counts"].flatten())
+                continue
             logits = head(patches)
             if f in GRID_FIELDS:
                 grid = head.out_features
@@ -269,7 +303,7 @@ class TagObjectives(nn.Module):
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         states = self.model.vision_model(batch["pixels"])
         losses = {"tags": F.binary_cross_entropy_with_logits(self.tag_head(states[:, 0]), batch["tags"])}
-        losses.update(self.patch_heads.losses(states[:, 1:], batch))
+        losses.update(self.patch_heads.losses(states, batch))
         return losses
 
 
@@ -285,7 +319,7 @@ class DenseObjectives(Objectives):
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         feats = self.model.vision_model(batch["pixels"])
         out = self.from_features(feats, batch)
-        out.update(self.patch_heads.losses(feats[:, 1:], batch))
+        out.update(self.patch_heads.losses(feats, batch))
         return out
 
 
@@ -308,30 +342,35 @@ def _patch_setup(model: Blip, items: list[Item], boxes: dict[str, list[dict]]):
         raise InputError(f"--patch-labels: no boxes for {len(missing)} of {len(items)} images (first: {missing[0]})")
     vision = model.config.vision_config
     grid = vision.image_size // vision.patch_size
-    classes = patch_classes({it.key: boxes[it.key] for it in items}, grid)
-    patches = {_key(it.key): patch_targets(boxes[it.key], classes, grid)
+    used = {it.key: boxes[it.key] for it in items}
+    classes = {**patch_classes(used, grid), **count_classes(used)}
+    patches = {_key(it.key): {**patch_targets(boxes[it.key], classes, grid),
+                              COUNT_FIELD: count_targets(boxes[it.key], classes)}
                for it in tqdm(items, desc="patch labels", unit="img", leave=False)}
     return classes, patches
 
 
-def load_patch_heads(heads: PatchHeads, classes: dict[str, list[str]], directory: str | Path) -> bool:
-    """Start `heads` from the patch heads a tags run saved in `directory` when it used the same classes; returns
-    whether it did."""
+def load_patch_heads(heads: PatchHeads, classes: dict[str, list[str]], directory: str | Path) -> list[str]:
+    """Start each of `heads` from the one a tags (or dense BLIP) run saved in `directory` when it used the same
+    classes; returns the fields it started (the others keep their fresh start)."""
     from safetensors.torch import load_file
 
     directory = Path(directory)
     try:
         saved = json.loads((directory / PATCH_LABELS_FILE).read_text())
+        weights = load_file(directory / TAG_HEAD_FILE)
     except (OSError, ValueError):
-        return False
-    if saved != classes or not (directory / TAG_HEAD_FILE).is_file():
-        return False
-    state = {k.removeprefix("patch_heads."): v for k, v in load_file(directory / TAG_HEAD_FILE).items()
-             if k.startswith("patch_heads.")}
-    if set(state) != set(heads.state_dict()):
-        return False
-    heads.load_state_dict(state)
-    return True
+        return []
+    if not isinstance(saved, dict):
+        return []
+    loaded = []
+    for f, head in heads.items():
+        same = saved.get(f) == classes[f] and (f != COUNT_FIELD or saved.get(COUNT_VALUES) == classes[COUNT_VALUES])
+        state = {k: weights.get(f"patch_heads.{f}.{k}") for k in head.state_dict()}
+        if same and all(v is not None and v.shape == head.state_dict()[k].shape for k, v in state.items()):
+            head.load_state_dict(state)
+            loaded.append(f)
+    return loaded
 
 
 def _write_heads(directory: Path, heads: dict[str, Tensor], classes: dict[str, list[str]] | None) -> None:
