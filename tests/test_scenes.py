@@ -10,11 +10,13 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
+from blipkit.data import scenes as scenes_module
 from blipkit.data.scenes import (
     COLOURS,
     NUMBER_WORDS,
     SHAPES,
     SIZES,
+    draw_captions,
     draw_shape,
     generate_scene,
     generate_split,
@@ -315,3 +317,17 @@ def test_rejects_bad_arguments():
         generate_scene(random.Random(0), image_size=8)
     with pytest.raises(InputError, match="n=-1"):
         generate_split(-1, seed=0)
+
+
+@pytest.mark.parametrize("seed", [3, 7, 11])
+def test_draw_captions_repeats_the_generators_own_draw(seed):
+    """From a scene's boxes entry and the random state the generator had before its captions, the same captions."""
+    scene = generate_scene(random.Random(seed))
+    rng = random.Random(seed)
+    _, background, light = scenes_module._background(rng, 128)
+    objs = scenes_module._place_objects(rng, 128, [c for c in COLOURS if not (light and c == "white")])
+    entry = {"objects": [o.to_dict() for o in objs], "background": background, "width": 128}
+    assert [o.to_dict() for o in objs] == [o.to_dict() for o in scene.objects]
+    assert draw_captions(entry, rng) == scene.captions
+    more = draw_captions(entry, random.Random(seed), n=8)  # up to n distinct captions
+    assert len(set(more)) == len(more) and len(scene.captions) <= len(more) <= 8

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 import blipkit
 from blipkit.cli import main as cli
 from blipkit.data import readers
-from blipkit.data.scenes import write_dataset
+from blipkit.data.scenes import NUMBER_WORDS, write_dataset
 from blipkit.errors import CheckpointError, InputError
 from blipkit.train import data as tdata
 from blipkit.train import loop
@@ -371,6 +371,36 @@ def test_patch_heads_start_each_from_a_run_with_the_same_classes(scenes, tmp_pat
         assert not torch.equal(fresh.objectives.patch_heads[f].weight, heads[f].weight), f
     (tmp_path / PATCH_LABELS_FILE).write_text("[1, 2]")  # not a classes file: every head fresh
     assert load_patch_heads(fresh.objectives.patch_heads, classes, tmp_path) == []
+
+
+def test_dense_recipe_gives_itm_each_caption_made_false_as_a_negative(scenes, tmp_path):
+    from blipkit.train.scene_metrics import caption_facts
+
+    model, items = _tiny(scenes)
+    boxes = read_boxes(scenes / "annotations" / "train_boxes.json")
+    recipe = dense_blip_recipe(loop.blip_recipe(model, _cfg(tmp_path)), items, boxes)
+    samples = [tdata.ItemDataset(items, model.processor, 0)[(0, i)] for i in range(8)]
+    false = recipe.collate.false_captions(samples)
+    assert len(false) >= 6 and false == recipe.collate.false_captions(samples)
+    for row, text in false:
+        true, objects = samples[row].caption, boxes[items[row].key]
+        changed = [(a, b) for a, b in zip(true.split(), text.split(), strict=True) if a != b]
+        assert 1 <= len(changed) <= 2, (true, text)  # one word (and "shape"/"shapes" agreeing with a number)
+        colours, shapes, pairs = caption_facts(text)
+        have = {(o["colour"], o["shape"]) for o in objects}
+        wrong_count = any(a in NUMBER_WORDS for a, _ in changed)
+        assert (wrong_count or not set(pairs) <= have or not set(colours) <= {c for c, _ in have}
+                or not set(shapes) <= {s for _, s in have}), (true, text, objects)
+    batch = recipe.collate(samples)
+    assert batch["false_rows"].tolist() == [row for row, _ in false]
+    seen = []
+    hook = model.itm_head.register_forward_hook(lambda m, i, o: seen.append(len(o)))
+    torch.manual_seed(0)
+    recipe.objectives(batch)
+    torch.manual_seed(0)
+    recipe.objectives({k: v for k, v in batch.items() if not k.startswith("false_")})
+    hook.remove()
+    assert seen[0] - seen[1] == len(false)  # the false captions went through ITM as negatives as well
 
 
 COLOURS = ("red", "blue", "green", "yellow", "purple", "orange", "white", "black")

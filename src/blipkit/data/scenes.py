@@ -422,6 +422,13 @@ def _captions(objs: list[Obj], bg: str, image_size: int, rng: random.Random, n: 
     return list(chosen)
 
 
+def draw_captions(entry: dict, rng: random.Random, n: int = 5) -> list[str]:
+    """The captions the generator would draw with `rng` for a scene of a boxes file (`entry`: "objects",
+    "background", "width"), as `generate_scene` draws them: how likely each true caption is to be listed."""
+    objs = [Obj(o["shape"], o["colour"], o["size"], tuple(o["box"]), tuple(o["box_norm"])) for o in entry["objects"]]
+    return _captions(objs, entry["background"], entry["width"], rng, n)
+
+
 def _questions(objs: list[Obj], image_size: int, rng: random.Random) -> list[tuple[str, str]]:
     """Question-answer pairs whose answers are unambiguous in the scene: about each object, one count, yes/no pairs."""
     qa = [pair for o in objs for pair in _object_questions(o, objs, image_size, rng)]
@@ -646,7 +653,7 @@ def _pairs(words: list[str]) -> set[tuple[str, str]]:
             if a in COLOURS and b in _SHAPE_NOUNS}
 
 
-def _swap_word(caption: str, objs: list[dict], rng: random.Random) -> str | None:
+def swap_word(caption: str, objs: list[dict], rng: random.Random) -> str | None:
     """`caption` with one colour, shape or number word swapped so that it is false of `objs`, or None when none can.
 
     The scenes grammar always writes "[size] colour shape", so a colour before a shape is false when no object has the
@@ -718,7 +725,7 @@ def web_noise(captions: list[dict], boxes: list[dict], mismatched: float, partia
                     if other != entry["image"] and _pairs(candidate.split(" ")) - have:
                         noise, noisy = "mismatched", candidate
                         break
-            elif r < mismatched + partial and (swapped := _swap_word(text, objs, rng)) is not None:
+            elif r < mismatched + partial and (swapped := swap_word(text, objs, rng)) is not None:
                 noise, noisy = "partial", swapped
             out.append({"image": entry["image"], "caption": noisy, "image_id": entry.get("image_id"), "noise": noise,
                         "true_caption": text})

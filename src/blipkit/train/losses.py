@@ -166,19 +166,29 @@ class Objectives(nn.Module):
         else:
             local = torch.zeros(len(rows), len(rows), device=feats.device)
         if "itm" in self.objectives:
-            out["itm"] = self._itm(img, ids, mask, local, positives)
+            false = None
+            if "false_rows" in batch:  # texts known false of their images (the collate's): negatives too
+                false = (feats[batch["false_rows"]], batch["false_ids"], batch["false_mask"])
+            out["itm"] = self._itm(img, ids, mask, local, positives, false)
         return out
 
-    def _itm(self, img: Tensor, ids: Tensor, mask: Tensor, sim: Tensor, positives: Tensor) -> Tensor:
+    def _itm(self, img: Tensor, ids: Tensor, mask: Tensor, sim: Tensor, positives: Tensor,
+             false: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
         m = self.model
         neg_text = sample_hard_negatives(sim, positives)  # a hard negative text for each image
         neg_image = sample_hard_negatives(sim.t(), positives.t())  # a hard negative image for each text
         ti, tt = neg_text >= 0, neg_image >= 0
-        g_ids = self._grounded(torch.cat([ids, ids[neg_text[ti]], ids[tt]]))
-        g_mask = torch.cat([mask, mask[neg_text[ti]], mask[tt]])
-        g_img = torch.cat([img, img[ti], img[neg_image[tt]]])
-        h, _ = m.text_encoder(g_ids, g_mask, context=g_img)
-        labels = torch.cat([torch.ones(len(ids)), torch.zeros(int(ti.sum()) + int(tt.sum()))]).long()
+        all_ids, all_mask = [ids, ids[neg_text[ti]], ids[tt]], [mask, mask[neg_text[ti]], mask[tt]]
+        g_img = [img, img[ti], img[neg_image[tt]]]
+        if false is not None:
+            f_img, f_ids, f_mask = false
+            width = max(ids.shape[1], f_ids.shape[1])
+            all_ids = [F.pad(t, (0, width - t.shape[1])) for t in (*all_ids, f_ids)]
+            all_mask = [F.pad(t, (0, width - t.shape[1])) for t in (*all_mask, f_mask)]
+            g_img.append(f_img)
+        g_ids, g_mask = self._grounded(torch.cat(all_ids)), torch.cat(all_mask)
+        h, _ = m.text_encoder(g_ids, g_mask, context=torch.cat(g_img))
+        labels = torch.cat([torch.ones(len(ids)), torch.zeros(len(g_ids) - len(ids))]).long()
         return itm_loss(m.itm_head(h[:, 0]), labels.to(h.device))
 
     def lm(self, feats: Tensor, batch: dict[str, Tensor]) -> Tensor:

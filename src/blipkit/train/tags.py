@@ -29,6 +29,7 @@ for BLIP training from scratch) and saves that model, so the next run continues 
 from __future__ import annotations
 
 import json
+import random
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import replace
@@ -44,7 +45,7 @@ from tqdm import tqdm
 from ..blip import Blip
 from ..checkpoint import write_safetensors
 from ..data.readers import Item
-from ..data.scenes import SHAPES, draw_shape
+from ..data.scenes import SHAPES, draw_shape, swap_word
 from ..errors import InputError
 from .data import Sample, _key
 from .loop import Recipe
@@ -324,15 +325,33 @@ class DenseObjectives(Objectives):
 
 
 class DenseCollate:
-    """A BLIP batch (`collate`, e.g. `Collate`) plus each patch field's soft targets ("patch_{field}")."""
+    """A BLIP batch (`collate`, a `Collate`) plus each patch field's soft targets ("patch_{field}") and, with
+    `objects` (image key -> its boxes' objects), for each caption a variant false of its image ("false_rows",
+    "false_ids", "false_mask": one colour, shape or number word swapped, `swap_word`), which ITM learns as a
+    negative: a caption that names a colour with the wrong shape is the negative that teaches which colour goes
+    with which shape."""
 
-    def __init__(self, collate: Callable[[list[Sample]], dict[str, Tensor]], patches: dict[int, dict[str, Tensor]]):
-        self.collate, self.patches = collate, patches
+    def __init__(self, collate: Callable[[list[Sample]], dict[str, Tensor]], patches: dict[int, dict[str, Tensor]],
+                 objects: dict[int, list[dict]] | None = None):
+        self.collate, self.patches, self.objects = collate, patches, objects
 
     def __call__(self, samples: list[Sample]) -> dict[str, Tensor]:
         batch = self.collate(samples)
         add_patch_targets(batch, samples, self.patches)
+        if self.objects is not None and (false := self.false_captions(samples)):
+            ids, mask = self.collate.tokenizer([t for _, t in false], max_length=self.collate.max_length)
+            batch["false_rows"] = torch.tensor([i for i, _ in false])
+            batch["false_ids"], batch["false_mask"] = ids, mask
         return batch
+
+    def false_captions(self, samples: list[Sample]) -> list[tuple[int, str]]:
+        """(row, text) of each sample's caption made false of its image, where a word can be swapped so; the same
+        samples give the same texts (drawn from each sample's seed). None without `objects`."""
+        if self.objects is None:
+            return []
+        out = [(i, swap_word(s.caption, self.objects[s.image_key], random.Random(f"{s.seed}:false")))
+               for i, s in enumerate(samples) if s.caption]
+        return [(i, text) for i, text in out if text is not None]
 
 
 def _patch_setup(model: Blip, items: list[Item], boxes: dict[str, list[dict]]):
@@ -383,19 +402,21 @@ def _write_heads(directory: Path, heads: dict[str, Tensor], classes: dict[str, l
 def dense_blip_recipe(base: Recipe, items: list[Item], boxes: dict[str, list[dict]],
                       start: str | Path | None = None) -> Recipe:
     """BLIP training (`base`, a `blip_recipe`) with the patch objectives of `--patch-labels` kept on the image
-    encoder. The patch heads start from those a tags run saved in `start` (when its classes match), else fresh; they
-    are saved beside the model as a tags run saves them."""
+    encoder, and ITM also learning each caption made false of its image by one swapped word (`DenseCollate`). The
+    patch heads start from those a run saved in `start` (each whose classes match), else fresh; they are saved beside
+    the model as a tags run saves them."""
     model = base.objectives.model
     classes, patches = _patch_setup(model, items, boxes)
     dense = DenseObjectives(model, base.objectives.objectives, classes)
     if start is not None:
         load_patch_heads(dense.patch_heads, classes, start)
+    objects = {_key(it.key): boxes[it.key] for it in items}
 
     def write(directory: Path) -> None:
         base.save(directory)
         _write_heads(directory, {f"patch_heads.{k}": v for k, v in dense.patch_heads.state_dict().items()}, classes)
 
-    return replace(base, objectives=dense, collate=DenseCollate(base.collate, patches), save=write)
+    return replace(base, objectives=dense, collate=DenseCollate(base.collate, patches, objects), save=write)
 
 
 def tags_recipe(model: Blip, items: list[Item], min_count: int = 20, max_share: float = 0.5,

@@ -1,0 +1,63 @@
+"""The ceiling of text -> image R@1 on a generated scenes split: what an oracle that knows the generator reaches.
+
+    python scripts/retrieval_ceiling.py data/scenes [--split test] [--draws 300]
+
+Generated captions repeat across images, and a caption true of an image is listed for it only when the generator
+happened to draw it among that image's five. The standard protocol counts a hit only for the image a caption was
+listed for; "any image" (`IR@1_any` in `blipkit eval`) counts every image that lists the same string. Neither can be
+reached by any model: the oracle here sees each scene's objects, simulates the generator's caption draw `--draws`
+times per image, and retrieves for each caption the image most likely to list it. Its R@1 under both counts is the
+data's ceiling (an estimate from the draws). Also printed: the share of captions true of one image only (by the
+simulated draws) and what retrieving uniformly among the images a caption is true of scores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from collections import Counter, defaultdict
+from pathlib import Path
+
+from tqdm import tqdm
+
+from blipkit.data.scenes import draw_captions
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("data", type=Path, help="a scenes dataset directory (write_dataset)")
+    ap.add_argument("--split", default="test")
+    ap.add_argument("--draws", type=int, default=300, help="simulated caption draws per image")
+    args = ap.parse_args()
+    boxes = json.loads((args.data / "annotations" / f"{args.split}_boxes.json").read_text())
+    listed = json.loads((args.data / "annotations" / f"{args.split}.json").read_text())
+    own = {e["image"]: set(e["caption"]) for e in listed}
+    texts = [(e["image"], c) for e in listed for c in e["caption"]]
+    odds: dict[str, Counter] = defaultdict(Counter)  # caption -> image -> times drawn
+    for entry in tqdm(boxes, desc="simulated draws", unit="img"):
+        for d in range(args.draws):
+            for caption in draw_captions(entry, random.Random(d)):
+                odds[caption][entry["image"]] += 1
+    holders = defaultdict(set)  # caption -> images listing it
+    for image, caption in texts:
+        holders[caption].add(image)
+    exact = anyone = uniform = single = 0
+    for image, caption in texts:
+        drawn = odds[caption]
+        best = max(drawn, key=drawn.get) if drawn else None
+        exact += best == image
+        anyone += best in holders[caption]
+        true_of = set(drawn) | holders[caption]
+        uniform += len(holders[caption]) / len(true_of)
+        single += len(true_of) == 1
+    n = len(texts)
+    print(f"{args.split}: {len(own)} images, {n} captions, {args.draws} simulated draws per image")
+    print(f"  oracle text -> image R@1: {100 * exact / n:.1f} % (listed image), {100 * anyone / n:.1f} % (any image "
+          f"listing the caption)")
+    print(f"  retrieving uniformly among the images a caption is true of: {100 * uniform / n:.1f} % (any image)")
+    print(f"  captions true of one image only: {100 * single / n:.1f} %")
+
+
+if __name__ == "__main__":
+    main()
