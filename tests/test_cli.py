@@ -43,7 +43,7 @@ def argv(s: dict[str, Path]) -> dict[str, list[str]]:
     return {
         "match": ["match", str(s["scene"]), "-t", *TEXTS, "--json", *m],
         "ground": ["ground", str(s["scene"]), "the red circle", "-t", "a blue square", "-o", str(out / "ground.png"),
-                   "--json", *m],
+                   "--source", "itm", "--json", *m],
         "attention": ["attention", str(s["scene"]), "a red circle", "--suppress-common", "-o",
                       str(out / "attention.png"), "--json", *m],
         "plot-space": ["plot-space", str(s["scenes"]), "--texts-file", str(s["texts"]), "--method", "pca", "-o",
@@ -115,6 +115,7 @@ def test_ground(runs, setup):
     assert [r["phrase"] for r in data["results"]] == ["the red circle", "a blue square"]
     for r in data["results"]:
         assert len(r["box"]) == 4 and all(0 <= v <= 1 for v in r["box"]) and r["layer"] == 0
+        assert r["source"] == "itm"
     png(Path(data["picture"]))
 
 

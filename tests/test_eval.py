@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 
 import pytest
 import torch
 
+import blipkit
+from blipkit import tasks
 from blipkit.cli import main as cli
 from blipkit.data.scenes import write_dataset
 from blipkit.train import loop
@@ -138,6 +141,17 @@ def test_eval_cli_json_and_bad_input(tiny_run, tmp_path, capsys):
         by_layer.append(json.loads(capsys.readouterr().out)["pointing_acc"])
     assert cli(grounding) == 0  # the default: this 2-layer model's layer 0
     assert json.loads(capsys.readouterr().out)["pointing_acc"] == by_layer[0]
+    assert cli(grounding + ["--source", "itm"]) == 0  # the ITM position's map: pointing counted by hand
+    model, boxes = blipkit.load(out), json.loads((root / "annotations" / "test_boxes.json").read_text())[:3]
+    hits = n = 0
+    for entry in boxes:
+        names = Counter((o["colour"], o["shape"]) for o in entry["objects"])
+        for o in entry["objects"]:
+            if names[(o["colour"], o["shape"])] == 1:
+                x, y = tasks.ground(model, root / entry["image"], f"the {o['colour']} {o['shape']}", source="itm").peak
+                hits += o["box_norm"][0] <= x <= o["box_norm"][2] and o["box_norm"][1] <= y <= o["box_norm"][3]
+                n += 1
+    assert json.loads(capsys.readouterr().out)["pointing_acc"] == pytest.approx(100 * hits / n)
     (tmp_path / "boxes.json").write_text(json.dumps([{"image": "x.png", "objects": [{"shape": "circle"}]}]))
     assert cli(grounding + ["--boxes", str(tmp_path / "boxes.json")]) == 2
     assert "--boxes" in (err := capsys.readouterr().err) and "entry 0 (x.png)" in err

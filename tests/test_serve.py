@@ -163,6 +163,12 @@ def test_ground_gives_the_tasks_boxes_and_a_picture(client, model):
         assert res["match"] == pytest.approx(want.match, abs=1e-5)
     picture = Image.open(io.BytesIO(base64.b64decode(body["picture"].split(",", 1)[1])))
     assert picture.format == "PNG" and picture.width > 200
+    r = client.post("/api/ground", files=files(SCENE), data={"phrases": phrases[:1], "source": "itm"})
+    assert r.status_code == 200, r.text
+    assert r.json()["results"][0]["box"] == pytest.approx(tasks.ground(model, rgb(), phrases[0], source="itm").box)
+    assert r.json()["results"][0]["source"] == "itm"
+    r = client.post("/api/ground", files=files(SCENE), data={"phrases": phrases[:1], "source": "words"})
+    assert r.status_code == 422 and "source" in r.text
 
 
 def test_attention_gives_each_tokens_map(client, model):

@@ -299,6 +299,14 @@ def test_gradcam_equals_attention_times_positive_gradient(model, images):
         assert cam.match == pytest.approx(float(model.match(images[0], "the red circle")), abs=1e-6)
     assert all(p.grad is None for p in model.parameters())  # GradCAM leaves no gradients on the weights
     assert torch.equal(tasks.gradcam(model, images[0], "the red circle", layer=0).token_maps, cam.token_maps)
+    # the ITM position's map: the first token's (what the ITM head reads), the same token maps
+    itm = tasks.gradcam(model, images[0], "the red circle", layer=0, source="itm")
+    assert cam.source == "phrase" and itm.source == "itm" and torch.equal(itm.token_maps, cam.token_maps)
+    assert torch.equal(itm.phrase_map, cam.token_maps[0]) and not torch.equal(itm.phrase_map, cam.phrase_map)
+    g = tasks.ground(model, images[0], "the red circle", layer=0, source="itm")
+    assert (g.box, g.peak) == tasks.box_from_map(cam.token_maps[0]) and g.to_dict()["source"] == "itm"
+    with pytest.raises(InputError, match=r"source='first': use 'phrase' .* or 'itm'"):
+        tasks.ground(model, images[0], "the red circle", source="first")
 
 
 def test_box_from_map():

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
+from ..tasks.attention import SOURCES
 from ..tasks.common import PROGRESS_MIN
 from .common import (
     MAX_BATCH,
@@ -285,10 +286,11 @@ def cmd_ground(args: argparse.Namespace) -> int:
     path = _one_image(args, args.phrases, "phrase")
     phrases = read_texts(args.phrases + (args.texts or []), args.texts_file, "phrases")
     model = _load(args)
-    found = [ground(model, path, p, layer=args.layer, threshold=args.threshold) for p in _progress(phrases, "ground")]
+    found = [ground(model, path, p, layer=args.layer, threshold=args.threshold, source=args.source)
+             for p in _progress(phrases, "ground")]
     picture = _picture(args, lambda out: render_grounding(found, path, out, tokens=args.tokens))
     data = {"image": str(path), "picture": picture, "results": [g.to_dict(maps=args.maps) for g in found]}
-    lines = [f"{path}  (GradCAM, {found[0].cam.part} layer {found[0].cam.layer})"]
+    lines = [f"{path}  (GradCAM, {found[0].cam.part} layer {found[0].cam.layer}, {found[0].cam.source} map)"]
     for g in found:
         box = ", ".join(f"{v:.3f}" for v in g.box)
         lines.append(f"  [{box}]  match {g.match:.3f}  {g.phrase}")
@@ -391,6 +393,12 @@ def _add_layer(p: argparse.ArgumentParser, help_: str) -> None:
     p.add_argument("--layer", type=integer(), default=None, help=help_)
 
 
+def _add_source(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--source", choices=SOURCES, default=None,
+                   help="the map the box comes from: 'phrase' (mean over the phrase's words) or 'itm' (the position "
+                   "the ITM head reads; BLIP-2: both are the queries' mean) (default: the model's, else phrase)")
+
+
 def _options_match(p: argparse.ArgumentParser) -> None:
     _add_images(p)
     _add_texts(p, "candidate texts")
@@ -472,7 +480,8 @@ def _options_ground(p: argparse.ArgumentParser) -> None:
     _add_images(p, one=True)
     p.add_argument("phrases", nargs="*", metavar="PHRASE", help="phrases to find, one box each (quote each)")
     _add_texts(p, "more phrases (a phrase that looks like a file name goes here)")
-    _add_layer(p, "cross-attention layer (default: the middle one)")
+    _add_layer(p, "cross-attention layer (default: the model's, else the middle one)")
+    _add_source(p)
     p.add_argument("--threshold", type=number(0, 1, above=True), default=0.5,
                    help="fraction of the map's maximum in the box, 0 < t <= 1 (0.5)")
     p.add_argument("--tokens", action="store_true", help="draw each token's map too")

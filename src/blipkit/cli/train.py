@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from ..errors import InputError
+from ..tasks.attention import SOURCES
 from ..train.losses import OBJECTIVES
 from .common import (
     MAX_BATCH,
@@ -174,6 +175,9 @@ def _eval_options(e: argparse.ArgumentParser) -> None:
     e.add_argument("--num-beams", type=integer(1, MAX_BEAMS), default=3, help="beam size for captions (default: 3)")
     e.add_argument("--layer", type=integer(), default=None,
                    help="cross-attention layer grounding reads its GradCAM from (default: the model's)")
+    e.add_argument("--source", choices=SOURCES, default=None,
+                   help="grounding's map: the phrase's words or the position the ITM head reads (default: the "
+                   "model's)")
     e.add_argument("--out", default=None, help="also write the metrics (and generated captions/answers) as JSON; "
                    "its folder must exist")
 
@@ -387,7 +391,8 @@ def run_eval(args: argparse.Namespace) -> int:
     model = blipkit.load(args.model, device=device, dtype=args.dtype, quantize=args.quantize)
     report = evaluate(model, args.data, split=args.split, tasks=tasks, k=args.k, limit=args.limit,
                       image_root=args.image_root, vqa=args.vqa, boxes=args.boxes, batch_size=args.batch_size,
-                      num_beams=args.num_beams, skip_bad=args.skip_bad, layer=args.layer, loaded=loaded)
+                      num_beams=args.num_beams, skip_bad=args.skip_bad, layer=args.layer, loaded=loaded,
+                      source=args.source)
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", errors="backslashreplace")
     write_line(json.dumps(report["metrics"], indent=2) if args.json else format_metrics(report))

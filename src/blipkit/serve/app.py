@@ -312,8 +312,8 @@ def create_app(
     async def ground(images: list[Image.Image], o: GroundOptions) -> dict:
         """Boxes [x1, y1, x2, y2] normalised to [0, 1] (x right, y down), with the match probability of each phrase."""
         phrases = check_texts(o.phrases, "phrases", limits)
-        found = await run("ground", jobs.Job(images, phrases, {"layer": o.layer, "threshold": o.threshold}),
-                          batch=False)
+        options = {"layer": o.layer, "threshold": o.threshold, "source": o.source}
+        found = await run("ground", jobs.Job(images, phrases, options), batch=False)
         picture = None
         if o.picture:
             from ..tasks.grounding import render_grounding

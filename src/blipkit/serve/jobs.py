@@ -136,8 +136,8 @@ def classify(model: BlipBase, jobs: list[Job]) -> list[list[list[tuple[str, floa
 def ground(model: BlipBase, jobs: list[Job]) -> list[list[Any]]:
     """Per job, one `Grounding` per phrase in its one image (GradCAM needs a backward pass each: not batched)."""
     o = jobs[0].options
-    return [[ground_task(model, job.images[0], p, layer=o["layer"], threshold=o["threshold"]) for p in job.texts]
-            for job in jobs]
+    return [[ground_task(model, job.images[0], p, layer=o["layer"], threshold=o["threshold"], source=o["source"])
+             for p in job.texts] for job in jobs]
 
 
 def attention(model: BlipBase, jobs: list[Job]) -> list[Any]:

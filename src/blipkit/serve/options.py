@@ -67,6 +67,9 @@ class GroundOptions(Options):
     phrases: list[str]
     layer: int | None = Field(None, ge=-64, le=64, description="cross-attention layer (default: the model's)")
     threshold: float = Field(0.5, gt=0, lt=1, description="fraction of the map's maximum inside the box")
+    source: Literal["phrase", "itm"] | None = Field(
+        None, description="the map the box comes from: the phrase's words or the position the ITM head reads "
+        "(default: the model's)")
     maps: bool = Field(False, description="include the GradCAM maps")
     picture: bool = Field(False, description="include a PNG of the boxes and maps (as a data URL)")
 

@@ -45,6 +45,9 @@ GROUND_STACKS = ("text_encoder", "qformer")  # the stacks of the ITM pass, which
 # scenes-blip: layer 2 of 4 (the middle one, named here because it was measured: its GradCAM peak falls on the
 # named object for 60 % of the validation phrases, against 45 % at layers 0 and 1 and 12 % at 3; docs/tasks.md).
 MODEL_LAYERS: dict[str, int] = {"scenes-blip": 2}
+# grounding's phrase map per model where the validation split chose the ITM position over the words (grounding.py)
+MODEL_SOURCES: dict[str, str] = {}
+SOURCES = ("phrase", "itm")
 SPECIAL_TOKENS = ("[CLS]", "[SEP]", "[PAD]", "[ENC]", "[DEC]", "[MASK]")
 
 
@@ -85,6 +88,17 @@ def default_layer(model_or_stack: Any) -> int:
     layers = [i for i in layers if i != len(stack.layer) - 1] or layers
     middle = len(stack.layer) // 2
     return min(layers, key=lambda i: (abs(i - middle), i))
+
+
+def resolve_source(model: BlipBase, source: str | None) -> str:
+    """Grounding's `source` checked ("phrase" or "itm"); None gives the model's entry in `MODEL_SOURCES`, else
+    "phrase"."""
+    if source is None:
+        return MODEL_SOURCES.get(Path(str(model.name_or_path)).name, "phrase")
+    if source not in SOURCES:
+        raise InputError(f"source={source!r:.60}: use 'phrase' (the map of the phrase's words) or 'itm' (the map of "
+                         "the position the ITM head reads)")
+    return source
 
 
 def resolve_layer(model: BlipBase, stack: Any, layer: int | None, part: str = "the text stack") -> int:

@@ -7,9 +7,12 @@
 
 GradCAM (as in ALBEF / BLIP): run the ITM head on (image, phrase) with the chosen layer's cross-attention recorded,
 take the gradient of the "match" logit with respect to the attention probabilities, and average over heads the
-attention times its positive gradient. BLIP gives one map per text token; the phrase map is the mean over the word
-tokens ([CLS] / [ENC] and [SEP] left out). BLIP-2 does the same over the Q-Former's cross-attention, where the
-rows are its query tokens; the phrase map is their mean. The default layer is `attention.default_layer`.
+attention times its positive gradient. BLIP gives one map per text token; the phrase map (`source="phrase"`) is the
+mean over the word tokens ([CLS] / [ENC] and [SEP] left out), or (`source="itm"`) the map of the first token, the
+position whose output the ITM head reads (LAVIS returns both: the first and the mean). BLIP-2 does the same over the
+Q-Former's cross-attention, where the rows are its query tokens, all of which the ITM head reads: the phrase map is
+their mean with either source. The default layer is `attention.default_layer`, the default source the model's entry
+in `attention.MODEL_SOURCES`, else "phrase".
 
 The box: the phrase map is upsampled bilinearly (`UPSAMPLE` times per patch), normalised by its maximum, cut at
 `threshold` (default 0.5 of the maximum); the box is the bounding box of the connected region (4-neighbours) that
@@ -39,6 +42,7 @@ from .attention import (
     patch_grid,
     query_labels,
     resolve_layer,
+    resolve_source,
     single_image,
     text_tokens,
 )
@@ -64,10 +68,11 @@ class GradCAM:
     part: str
     itm_logit: float  # the "match" logit that was differentiated
     match: float  # ITM match probability
+    source: str = "phrase"  # which rows make the phrase map: "phrase" (the words) or "itm" (what the ITM head reads)
 
     def to_dict(self, maps: bool = True) -> dict[str, Any]:
         """JSON-ready fields (maps as nested lists when `maps`)."""
-        out: dict[str, Any] = {"part": self.part, "layer": self.layer, "tokens": self.tokens,
+        out: dict[str, Any] = {"part": self.part, "layer": self.layer, "source": self.source, "tokens": self.tokens,
                                "itm_logit": self.itm_logit, "match": self.match}
         if maps:
             out["phrase_map"] = self.phrase_map.tolist()
@@ -91,18 +96,21 @@ class Grounding:
 
     def to_dict(self, maps: bool = False) -> dict[str, Any]:
         """JSON-ready fields; the GradCAM maps only when `maps`."""
-        out = {"phrase": self.phrase, "box": self.box, "peak": self.peak, "match": self.match, "layer": self.cam.layer}
+        out = {"phrase": self.phrase, "box": self.box, "peak": self.peak, "match": self.match, "layer": self.cam.layer,
+               "source": self.cam.source}
         return {**out, "gradcam": self.cam.to_dict(maps)} if maps else out
 
 
-def gradcam(model: BlipBase, image: Any, text: str, layer: int | None = None) -> GradCAM:
-    """GradCAM of the ITM "match" logit over the cross-attention of `layer` (see the module docstring).
+def gradcam(model: BlipBase, image: Any, text: str, layer: int | None = None, source: str | None = None) -> GradCAM:
+    """GradCAM of the ITM "match" logit over the cross-attention of `layer`, its phrase map from `source` (see the
+    module docstring).
 
     The gradients are taken here, whatever autograd mode the caller is in, with respect to the recorded attention
     only (no parameter's `.grad` changes); the maps returned are plain tensors.
     """
     part, stack = find_stack(model, GROUND_STACKS, "ground")
     layer = resolve_layer(model, stack, layer, part)
+    source = resolve_source(model, source)
     _, pixels = single_image(model, image)
     if part == "text_encoder":
         enc = model.tokenizer.enc_token_id if getattr(model, "enc_token", False) else None
@@ -125,13 +133,15 @@ def gradcam(model: BlipBase, image: Any, text: str, layer: int | None = None) ->
     token_maps = cam[:, 1:].reshape(-1, gh, gw)
     if part == "qformer":
         tokens = query_labels(token_maps.shape[0])
-        words = list(range(len(tokens)))
+        rows = list(range(len(tokens)))  # the ITM head reads every query
+    elif source == "itm":
+        rows = [0]
     else:
-        words = [i for i, t in enumerate(tokens) if t not in SPECIAL_TOKENS] or list(range(len(tokens)))
-    phrase_map = token_maps[words].mean(dim=0)
+        rows = [i for i, t in enumerate(tokens) if t not in SPECIAL_TOKENS] or list(range(len(tokens)))
+    phrase_map = token_maps[rows].mean(dim=0)
     logits = logits.detach().float()
     logit, match = float(logits[1]), float(logits.softmax(-1)[1])
-    return GradCAM(tokens, token_maps, phrase_map, layer, part, logit, match)
+    return GradCAM(tokens, token_maps, phrase_map, layer, part, logit, match, source)
 
 
 def _component(mask: np.ndarray, seed: tuple[int, int]) -> np.ndarray:
@@ -172,12 +182,14 @@ def box_from_map(
 
 
 def ground(
-    model: BlipBase, image: Any, phrase: str, layer: int | None = None, threshold: float = THRESHOLD
+    model: BlipBase, image: Any, phrase: str, layer: int | None = None, threshold: float = THRESHOLD,
+    source: str | None = None,
 ) -> Grounding:
-    """Box [x1, y1, x2, y2] (normalised to [0, 1]) of `phrase` in one image, from its GradCAM phrase map."""
+    """Box [x1, y1, x2, y2] (normalised to [0, 1]) of `phrase` in one image, from its GradCAM phrase map (`source`:
+    "phrase" or "itm", None for the model's default; see the module docstring)."""
     if not isinstance(phrase, str) or not phrase.strip():
         raise InputError(f"phrase {phrase!r} is empty: give the words to find")
-    cam = gradcam(model, image, phrase, layer)
+    cam = gradcam(model, image, phrase, layer, source)
     box, peak = box_from_map(cam.phrase_map, threshold)
     return Grounding(phrase, box, peak, cam)
 

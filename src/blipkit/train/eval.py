@@ -28,6 +28,7 @@ from tqdm import tqdm
 from ..base import BlipBase
 from ..data.readers import Item, Loaded, load_items
 from ..errors import InputError
+from ..tasks.attention import resolve_source
 from ..tasks.common import itc_scores
 from ..tasks.ranking import itm_scorer
 from .metrics import bleu, cider_d, recall_at, vqa_accuracy
@@ -43,14 +44,12 @@ def itc_matrix(model: BlipBase, feats: Tensor, texts: list[str], batch_size: int
     return itc_scores(img, txt).cpu()  # (Ni, Nt)
 
 
-def rerank(
-    sim: Tensor, score_pairs: Callable[[Tensor, Tensor], Tensor], texts: list[str], text_image: list[int], k: int = 16
-) -> dict[str, float]:
-    """BLIP's retrieval protocol on an ITC similarity matrix (Ni, Nt).
+def reranked(sim: Tensor, score_pairs: Callable[[Tensor, Tensor], Tensor], k: int = 16) -> tuple[Tensor, Tensor]:
+    """(i2t, t2i) score matrices (Ni, Nt) of BLIP's retrieval protocol on an ITC similarity matrix (Ni, Nt).
 
-    The top k texts of each image and the top k images of each text are re-scored with
+    The top k texts of each image (i2t) and the top k images of each text (t2i) are re-scored with
     `score_pairs(image_rows, text_rows)` (the ITM "match" logit) plus their ITC similarity; everything else scores
-    -100. Each distinct pair is scored once. `text_image[j]` is the image of text j.
+    -100. Each distinct pair is scored once.
     """
     n_img, n_txt = sim.shape
     k_t, k_i = min(k, n_txt), min(k, n_img)
@@ -64,6 +63,16 @@ def rerank(
     i2t, t2i = torch.full_like(sim, -100.0), torch.full_like(sim, -100.0)  # both (Ni, Nt)
     i2t[img[:n], txt[:n]] = scores[:n]
     t2i[img[n:], txt[n:]] = scores[n:]
+    return i2t, t2i
+
+
+def rerank(
+    sim: Tensor, score_pairs: Callable[[Tensor, Tensor], Tensor], texts: list[str], text_image: list[int], k: int = 16
+) -> dict[str, float]:
+    """BLIP's retrieval metrics on an ITC similarity matrix (Ni, Nt), re-ranked as `reranked` does.
+    `text_image[j]` is the image of text j."""
+    n_img = sim.shape[0]
+    i2t, t2i = reranked(sim, score_pairs, k)
     tr = {key: v for key, v in recall_at(i2t, text_image).items() if key.startswith("TR")}
     ir = {key: v for key, v in recall_at(t2i, text_image).items() if key.startswith("IR")}
     itc = recall_at(sim, text_image)
@@ -202,8 +211,8 @@ def _vqa(run: _Run, qa: list[tuple[int, str, list[str]]]) -> None:
                              for (i, q, a), p in zip(qa, preds, strict=True)]
 
 
-def _grounding(run: _Run, layer: int | None) -> None:
-    acc, n = pointing_accuracy(run.model, [it.image for it in run.items], run.objects, layer)
+def _grounding(run: _Run, layer: int | None, source: str | None) -> None:
+    acc, n = pointing_accuracy(run.model, [it.image for it in run.items], run.objects, layer, source)
     run.metrics["pointing_acc"] = acc
     run.counts["grounding_phrases"] = n
 
@@ -232,11 +241,12 @@ def evaluate(
     skip_bad: bool = False,
     layer: int | None = None,
     loaded: Loaded | None = None,
+    source: str | None = None,
 ) -> dict:
     """Metrics of a BLIP or BLIP-2 `model` on a split; returns {"metrics": {...}, "counts": {...}, "captions": [...],
-    "answers": [...]}. `layer`: the cross-attention layer grounding reads (None: the model's default); `loaded`: the
-    items already read from `data` (read here when None). With `skip_bad`, entries whose image cannot be read are
-    left out and counted in "skipped_entries".
+    "answers": [...]}. `layer`: the cross-attention layer grounding reads and `source` the map its box comes from
+    (None: the model's defaults; `blipkit.tasks.ground`); `loaded`: the items already read from `data` (read here
+    when None). With `skip_bad`, entries whose image cannot be read are left out and counted in "skipped_entries".
 
     Tasks the model or the data cannot do are reported under "skipped" with the reason.
     """
@@ -244,6 +254,7 @@ def evaluate(
         loaded = load_items(data, split, image_root, vqa, skip_bad)
     if not _unable(model, "grounding"):
         _check_layer(model, layer)
+        resolve_source(model, source)
     scene_boxes = _boxes_for(data, split, boxes)
     model.eval()
     wanted = loaded.items[:limit] if limit else loaded.items
@@ -258,7 +269,7 @@ def evaluate(
     data_lacks = {"vqa": "the data has no question-answer pairs" if not qa else None,
                   "grounding": "no boxes for this data (pass --boxes, or use a scenes dataset)" if no_boxes else None}
     steps = {"retrieval": lambda: _retrieval(run, k), "caption": lambda: _captions(run, num_beams),
-             "vqa": lambda: _vqa(run, qa), "grounding": lambda: _grounding(run, layer)}
+             "vqa": lambda: _vqa(run, qa), "grounding": lambda: _grounding(run, layer, source)}
     for task, step in steps.items():
         if task in tasks:
             why = data_lacks.get(task) or _unable(model, task)

@@ -68,12 +68,12 @@ def colour_shape_accuracy(captions: Sequence[str], objects: Sequence[Sequence[di
 
 
 def pointing_accuracy(
-    model: BlipBase, images: list[Path], boxes: list[list[dict]], layer: int | None = None
+    model: BlipBase, images: list[Path], boxes: list[list[dict]], layer: int | None = None, source: str | None = None
 ) -> tuple[float, int]:
     """Share (percent) of uniquely named objects ("the red circle") whose GradCAM peak falls inside their box.
 
-    Uses `blipkit.tasks.ground` (at cross-attention `layer`; None: the model's default); returns (accuracy, number
-    of phrases).
+    Uses `blipkit.tasks.ground` (at cross-attention `layer`, from the map `source`; None: the model's defaults);
+    returns (accuracy, number of phrases).
     """
     from ..tasks import ground
 
@@ -83,7 +83,7 @@ def pointing_accuracy(
         for o in objs:
             if names[(o["colour"], o["shape"])] != 1:
                 continue
-            x, y = ground(model, image, f"the {o['colour']} {o['shape']}", layer=layer).peak
+            x, y = ground(model, image, f"the {o['colour']} {o['shape']}", layer=layer, source=source).peak
             x1, y1, x2, y2 = o["box_norm"]
             hits += x1 <= x <= x2 and y1 <= y <= y2
             n += 1
