@@ -318,6 +318,13 @@ def test_box_from_map():
     assert 1.5 / 8 <= box[1] <= 2 / 8 and 4 / 8 <= box[3] <= 4.5 / 8
     assert box[0] <= peak[0] <= box[2] and box[1] <= peak[1] <= box[3]
     assert tasks.box_from_map(torch.zeros(4, 4)) == ([0.0, 0.0, 1.0, 1.0], [0.5, 0.5])
+    # a highest cell on the border: the peak is that cell's centre (the upsampled map is flat out to the edge there)
+    edge = torch.zeros(8, 8)
+    edge[3, 0], edge[3, 1] = 1.0, 0.3
+    box, peak = tasks.box_from_map(edge)
+    assert peak == [0.0625, 0.4375] and box[0] == 0.0 and box[1] <= 3 / 8 <= 4 / 8 <= box[3]
+    # a region grown from the peak even where the threshold is above every upsampled value near it
+    assert tasks.box_from_map(edge, threshold=0.99)[1] == peak
     with pytest.raises(InputError, match="threshold"):
         tasks.box_from_map(heat, threshold=1.5)
 

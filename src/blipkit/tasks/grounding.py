@@ -14,9 +14,11 @@ Q-Former's cross-attention, where the rows are its query tokens, all of which th
 their mean with either source. The default layer is `attention.default_layer`, the default source the model's entry
 in `attention.MODEL_SOURCES`, else "phrase".
 
-The box: the phrase map is upsampled bilinearly (`UPSAMPLE` times per patch), normalised by its maximum, cut at
-`threshold` (default 0.5 of the maximum); the box is the bounding box of the connected region (4-neighbours) that
-holds the peak. A map without any positive value gives the whole image.
+The peak is the centre of the phrase map's highest cell (patch). The box: the map is upsampled bilinearly
+(`UPSAMPLE` times per patch), cut at `threshold` (default 0.5) of its maximum; the box is the bounding box of the
+connected region (4-neighbours) grown from the peak cell's highest point. A map without any positive value gives the
+whole image. (The peak of the upsampled map itself is no better: where the highest cell lies on the border, the
+upsampled map is flat out to the image edge, and its first maximum lies on the edge, half a patch off the cell.)
 """
 
 from __future__ import annotations
@@ -174,11 +176,17 @@ def box_from_map(
         return [0.0, 0.0, 1.0, 1.0], [0.5, 0.5]
     up = F.interpolate(heat[None, None], scale_factor=upsample, mode="bilinear", align_corners=False)[0, 0].numpy()
     h, w = up.shape
-    peak = np.unravel_index(int(up.argmax()), up.shape)
-    region = _component(up >= threshold * up.max(), peak)
+    gh, gw = heat.shape
+    row, col = divmod(int(heat.argmax()), gw)  # the peak: the centre of the map's highest cell
+    block = up[row * upsample:(row + 1) * upsample, col * upsample:(col + 1) * upsample]
+    dy, dx = np.unravel_index(int(block.argmax()), block.shape)
+    seed = (row * upsample + int(dy), col * upsample + int(dx))  # the region grows from that cell's highest point
+    mask = up >= threshold * up.max()
+    mask[seed] = True
+    region = _component(mask, seed)
     ys, xs = np.nonzero(region)
     box = [xs.min() / w, ys.min() / h, (xs.max() + 1) / w, (ys.max() + 1) / h]
-    return [round(float(v), 6) for v in box], [round(float(peak[1] + 0.5) / w, 6), round(float(peak[0] + 0.5) / h, 6)]
+    return [round(float(v), 6) for v in box], [round((col + 0.5) / gw, 6), round((row + 0.5) / gh, 6)]
 
 
 def ground(
