@@ -474,16 +474,16 @@ def test_trained_box_lands_on_the_named_shape(scenes_blip):
         obj = scene.objects[0]
         g = tasks.ground(scenes_blip, scene.image, f"the {obj.colour} {obj.shape}")
         hits += inside(centre(g.box), obj.box_norm, margin=0.05)
-    assert hits >= 0.7 * len(scenes)  # 17 of 20 at the default layer (docs/tasks.md)
-    # With two objects of different colours, the box goes to the named one more often than to the other
-    # (16 of 24 at the default layer; a box that ignored the phrase would be nearer either one half the time).
+    assert hits >= 0.85 * len(scenes)  # 20 of 20 at the defaults (docs/tasks.md)
+    # With two objects of different colours, the box goes to the named one far more often than to the other
+    # (23 of 24 at the defaults; a box that ignored the phrase would be nearer either one half the time).
     closer = total = 0
     for scene in distinct_scenes(12, seed=707, objects=2, colours_differ=True):
         for obj, other in (scene.objects, scene.objects[::-1]):
             c = centre(tasks.ground(scenes_blip, scene.image, f"the {obj.colour} {obj.shape}").box)
             closer += math.dist(c, centre(obj.box_norm)) < math.dist(c, centre(other.box_norm))
             total += 1
-    assert closer > total / 2
+    assert closer >= 0.8 * total
 
 
 @needs_scenes
@@ -496,6 +496,6 @@ def test_trained_colour_word_attention_peaks_on_its_object(scenes_blip):
             half_cell = 0.5 / maps.maps.shape[-1]
             hits += inside(list(maps.peak(maps.tokens.index(obj.colour))), obj.box_norm, margin=half_cell)
             total += 1
-    # 20 of 24 at the default layer (17 at layer 0); a peak placed without looking lands in the box about one time
+    # 18 of 24 at the default layer (and at layer 0); a peak placed without looking lands in the box about one time
     # in twelve (the boxes cover 3-12 % of the image)
     assert hits >= 0.7 * total

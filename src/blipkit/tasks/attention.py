@@ -46,7 +46,7 @@ GROUND_STACKS = ("text_encoder", "qformer")  # the stacks of the ITM pass, which
 # named object for 60 % of the validation phrases, against 45 % at layers 0 and 1 and 12 % at 3; docs/tasks.md).
 MODEL_LAYERS: dict[str, int] = {"scenes-blip": 2}
 # grounding's phrase map per model where the validation split chose the ITM position over the words (grounding.py)
-MODEL_SOURCES: dict[str, str] = {}
+MODEL_SOURCES: dict[str, str] = {"scenes-blip": "itm"}
 SOURCES = ("phrase", "itm")
 SPECIAL_TOKENS = ("[CLS]", "[SEP]", "[PAD]", "[ENC]", "[DEC]", "[MASK]")
 
