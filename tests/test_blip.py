@@ -63,6 +63,26 @@ def test_itm_every_pair(itm, photos):
     assert len(set(probs.flatten().tolist())) > 4  # the weights really discriminate
 
 
+def test_first_position_alone_in_the_last_layer(itm, photos):
+    """The heads read the first position alone: its last layer computed alone gives the same states, padded texts
+    and cross-attention included, and the same ITM logits and ITC embeddings as the full pass."""
+    ours, _, _ = itm
+    ids, mask = ours.tokens(TEXTS)
+    with torch.no_grad():
+        feats = ours.image_features(photos[:1]).expand(len(TEXTS), -1, -1)
+        for kw in ({}, {"context": feats}):
+            full, _ = ours.text_encoder(ids, mask, **kw)
+            first, _ = ours.text_encoder(ids, mask, first_only=True, **kw)
+            assert first.shape == (len(TEXTS), 1, full.shape[-1])
+            assert (first[:, 0] - full[:, 0]).abs().max() <= 1e-5
+        assert (ours.forward_itm(photos, TEXTS, first_only=True) - ours.forward_itm(photos, TEXTS)).abs().max() <= 1e-5
+        ref = torch.nn.functional.normalize(ours.text_proj(ours.text_encoder(ids, mask)[0][:, 0]), dim=-1)
+        assert (ours.encode_texts(TEXTS) - ref).abs().max() <= 1e-6
+        # a decoder pass (causal) never takes the shortcut
+        dec, _ = ours.text_encoder(ids, mask, causal=True, first_only=True)
+        assert dec.shape[1] == ids.shape[1]
+
+
 def test_itm_features_reused(itm, photos):
     ours, _, _ = itm
     with torch.no_grad():

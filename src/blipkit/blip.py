@@ -75,7 +75,7 @@ class Blip(PairMatching, BlipBase):
         """L2-normalised ITC text embeddings (N, D) from the unimodal text encoder."""
         self.require("itc")
         ids, mask = self._text_ids(texts, grounded=False)
-        h, _ = self.text_encoder(ids, mask)
+        h, _ = self.text_encoder(ids, mask, first_only=True)  # the projection reads the first position alone
         return F.normalize(self.text_proj(h[:, 0]), dim=-1)
 
     @torch.inference_mode()
@@ -87,12 +87,14 @@ class Blip(PairMatching, BlipBase):
     @torch.inference_mode()
     def itm_logits(self, images: ImageInput | Tensor, texts: TextInput) -> Tensor:
         """ITM head logits (Ni, Nt, 2) for every image-text pair; index 1 is "match"."""
-        return self.forward_itm(images, texts)
+        return self.forward_itm(images, texts, first_only=True)
 
-    def forward_itm(self, images: ImageInput | Tensor, texts: TextInput) -> Tensor:
+    def forward_itm(self, images: ImageInput | Tensor, texts: TextInput, first_only: bool = False) -> Tensor:
         """`itm_logits` with autograd as the caller has it (GradCAM differentiates through it).
 
-        Each image's cross-attention keys/values are computed once per layer and shared by all texts.
+        Each image's cross-attention keys/values are computed once per layer and shared by all texts. `first_only`:
+        the last layer computes only the position the ITM head reads (the same logits, less work); off by default,
+        as GradCAM and attention maps read every position's attention.
         """
         self.require("itm")
         feats = self._feats(images)
@@ -102,7 +104,8 @@ class Blip(PairMatching, BlipBase):
             kv = self.text_encoder.cross_kv(feats[i : i + 1])  # batch 1: broadcast over the texts
             out = []
             for s in range(0, ids.shape[0], self.itm_chunk):
-                h, _ = self.text_encoder(ids[s : s + self.itm_chunk], mask[s : s + self.itm_chunk], encoder_kv=kv)
+                h, _ = self.text_encoder(ids[s : s + self.itm_chunk], mask[s : s + self.itm_chunk], encoder_kv=kv,
+                                         first_only=first_only)
                 out.append(self.itm_head(h[:, 0]))
             rows.append(torch.cat(out))
         return torch.stack(rows)
@@ -110,7 +113,7 @@ class Blip(PairMatching, BlipBase):
     @torch.inference_mode()
     def match(self, images: ImageInput | Tensor, texts: TextInput) -> Tensor:
         """ITM match probability (Ni, Nt) for every image-text pair."""
-        return self.forward_itm(images, texts).float().softmax(dim=-1)[..., 1]
+        return self.forward_itm(images, texts, first_only=True).float().softmax(dim=-1)[..., 1]
 
     def _itm_pairs(self, feats: Tensor, image: Tensor, texts: list[str]) -> Tensor:
         """ITM logits (Npairs, 2) of texts[r] with image image[r] of `feats`, in passes (see `blipkit.pairs`)."""
@@ -120,7 +123,8 @@ class Blip(PairMatching, BlipBase):
         out = torch.empty(len(ids), 2, device=self.device, dtype=self.itm_head.weight.dtype)
         for rows in pair_chunks(lengths, kv, self.itm_chunk):
             T = int(lengths[rows].max())
-            h, _ = self.text_encoder(ids[rows, :T], mask[rows, :T], encoder_kv=pair_kv(kv, image[rows]))
+            h, _ = self.text_encoder(ids[rows, :T], mask[rows, :T], encoder_kv=pair_kv(kv, image[rows]),
+                                     first_only=True)
             out[rows] = self.itm_head(h[:, 0])
         return out
 

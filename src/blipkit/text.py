@@ -108,12 +108,15 @@ class TextLayer(nn.Module):
         cache: LayerCache | None = None,
         encoder_kv: tuple[Tensor, Tensor] | None = None,
         query_length: int = 0,
+        first_only: bool = False,
     ) -> tuple[Tensor, LayerCache]:
-        """One layer; returns the output and this layer's cache (self and cross keys/values so far)."""
+        """One layer; returns the output and this layer's cache (self and cross keys/values so far). With
+        `first_only`, only the first position's output is computed (B, 1, H), its attention over every position: what
+        a head reading that position alone needs (`self_mask` must be a padding mask, the same for every query)."""
         k, v = self.attention.qkv.kv(x)  # (B, nh, T, hs)
         if cache is not None:
             k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
-        h = self.attention(x, self_mask, k, v)
+        h = self.attention(x[:, :1] if first_only else x, self_mask, k, v)
         ck = cv = None
         use_cross = self.has_cross and (
             context is not None or encoder_kv is not None or (cache and cache[2] is not None)
@@ -157,9 +160,12 @@ class TextEncoder(nn.Module):
         cache: list[LayerCache] | None = None,
         encoder_kv: list[tuple[Tensor, Tensor] | None] | None = None,
         query_length: int = 0,
+        first_only: bool = False,
     ) -> tuple[Tensor, list[LayerCache]]:
-        """Run every layer; `self_mask` / `context_mask` are additive masks (see `layers.padding_mask`)."""
+        """Run every layer; `self_mask` / `context_mask` are additive masks (see `layers.padding_mask`).
+        `first_only`: the last layer computes the first position alone (output (B, 1, H); see `TextLayer`)."""
         new_cache = []
+        last = len(self.layer) - 1
         for i, layer in enumerate(self.layer):
             args = (
                 x,
@@ -169,6 +175,7 @@ class TextEncoder(nn.Module):
                 cache[i] if cache else None,
                 encoder_kv[i] if encoder_kv else None,
                 query_length,
+                first_only and i == last,
             )
             if self.gradient_checkpointing and self.training:
                 x, c = torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
@@ -212,6 +219,7 @@ class TextModel(nn.Module):
         cache: list[LayerCache] | None = None,
         encoder_kv: list[tuple[Tensor, Tensor] | None] | None = None,
         positions: Tensor | None = None,
+        first_only: bool = False,
     ) -> tuple[Tensor, list[LayerCache]]:
         """Hidden states (B, T, H) and the cache.
 
@@ -224,6 +232,8 @@ class TextModel(nn.Module):
             cache: per-layer caches from the previous call.
             encoder_kv: per-layer precomputed cross-attention keys/values (see `cross_kv`).
             positions: (B, T) position ids (default: continue after the cache).
+            first_only: the last layer computes only the first position (hidden states (B, 1, H)): enough for
+                the ITC and ITM heads, which read that position alone. Not with `causal`.
         """
         B, T = input_ids.shape
         past = cache[0][0].shape[2] if cache else 0
@@ -234,7 +244,8 @@ class TextModel(nn.Module):
         x = self.embeddings(input_ids, positions)
         dtype = x.dtype
         self_mask = causal_mask(attention_mask, past, dtype) if causal else padding_mask(attention_mask, dtype)
-        return self.encoder(x, self_mask, context, padding_mask(context_mask, dtype), cache, encoder_kv)
+        return self.encoder(x, self_mask, context, padding_mask(context_mask, dtype), cache, encoder_kv,
+                            first_only=first_only and not causal)
 
     def cross_kv(self, context: Tensor) -> list[tuple[Tensor, Tensor] | None]:
         """Cross-attention keys/values of `context` for every layer, computed once and reusable across texts."""
