@@ -151,7 +151,7 @@ def test_eval_cli_json_and_bad_input(tiny_run, tmp_path, capsys):
                 x, y = tasks.ground(model, root / entry["image"], f"the {o['colour']} {o['shape']}", source="itm").peak
                 hits += o["box_norm"][0] <= x <= o["box_norm"][2] and o["box_norm"][1] <= y <= o["box_norm"][3]
                 n += 1
-    assert json.loads(capsys.readouterr().out)["pointing_acc"] == pytest.approx(100 * hits / n)
+    assert json.loads(capsys.readouterr().out)["pointing_acc"] == pytest.approx(100 * hits / n, abs=0.005)  # 2 places
     (tmp_path / "boxes.json").write_text(json.dumps([{"image": "x.png", "objects": [{"shape": "circle"}]}]))
     assert cli(grounding + ["--boxes", str(tmp_path / "boxes.json")]) == 2
     assert "--boxes" in (err := capsys.readouterr().err) and "entry 0 (x.png)" in err

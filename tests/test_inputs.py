@@ -120,6 +120,8 @@ BAD_OPTIONS = [
     (dict(top_p=1.5), "top_p must be in (0, 1], got 1.5"),
     (dict(repetition_penalty=-1), "repetition_penalty must be > 0, got -1.0"),
     (dict(length_penalty=math.inf), "length_penalty must be a finite number, got inf"),
+    (dict(length_penalty=512), "length_penalty must be at most 10.0, got 512"),
+    (dict(length_penalty=-11.5), "length_penalty must be >= -10.0, got -11.5"),
     (dict(return_scores="no"), "return_scores must be True or False, got 'no'"),
 ]
 

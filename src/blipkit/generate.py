@@ -26,6 +26,9 @@ from .errors import InputError
 Step = Callable[[Tensor, Any], tuple[Tensor, Any]]
 NEG = -1.0e9
 MAX_SEQUENCES = 256  # beams or samples decoded per input: each is a row of logits over the vocabulary and a KV cache
+# beam scores are divided by length ** length_penalty: within +-10 that stays a finite float for any length a model
+# can generate (transformers' Python arithmetic overflows past a few hundred); the useful values lie around 0.5-2
+MAX_LENGTH_PENALTY = 10.0
 
 
 def check_int(name: str, value: Any, low: int = 1, high: int | None = None) -> int:
@@ -96,7 +99,8 @@ class GenerationConfig:
         self.temperature = check_real("temperature", self.temperature)
         self.top_p = check_real("top_p", self.top_p)
         self.repetition_penalty = check_real("repetition_penalty", self.repetition_penalty)
-        self.length_penalty = check_real("length_penalty", self.length_penalty)
+        self.length_penalty = check_real("length_penalty", self.length_penalty, -MAX_LENGTH_PENALTY,
+                                         MAX_LENGTH_PENALTY)
         if self.top_k is not None:
             self.top_k = check_int("top_k", self.top_k, 1)
         if self.min_new_tokens > self.max_new_tokens:
