@@ -153,7 +153,9 @@ class OnnxBlip(_OnnxMixin, Blip):
         ids, mask = self._text_ids(texts, grounded=False)
         return self.runner("text_encoder", ids, mask)[0]
 
-    def forward_itm(self, images, texts) -> Tensor:
+    def forward_itm(self, images, texts, first_only: bool = False) -> Tensor:
+        """`Blip.forward_itm` on the exported grounded text tower, which computes every position (the VQA question
+        encoding reads them all): `first_only` changes nothing here."""
         self.require("itm")
         feats = self._feats(images)
         ids, mask = self._text_ids(texts, grounded=True)

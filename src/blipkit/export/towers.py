@@ -60,7 +60,7 @@ class TextTower(nn.Module):
         self.text_encoder, self.text_proj = model.text_encoder, model.text_proj
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        h, _ = self.text_encoder(input_ids, attention_mask)
+        h, _ = self.text_encoder(input_ids, attention_mask, first_only=True)  # the projection reads position 0
         return F.normalize(self.text_proj(h[:, 0]), dim=-1)
 
 
