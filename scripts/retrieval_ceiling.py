@@ -76,7 +76,7 @@ def main() -> None:
         uniform += len(holders[caption]) / len(true_of)
         single += len(true_of) == 1
     n = len(texts)
-    true_of = {c: set(drawn) | holders[c] for c, drawn in odds.items()}
+    true_of = {c: set(drawn) | holders[c] for c, drawn in odds.items()} if args.model else {}
     for name in args.model:
         best = model_top1(name, args.data, [e["image"] for e in listed], [c for _, c in texts], args.k)
         listed_hits = sum(b == image for b, (image, _) in zip(best, texts, strict=True))

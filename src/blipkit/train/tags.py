@@ -338,7 +338,7 @@ class DenseCollate:
     def __call__(self, samples: list[Sample]) -> dict[str, Tensor]:
         batch = self.collate(samples)
         add_patch_targets(batch, samples, self.patches)
-        if self.objects is not None and (false := self.false_captions(samples)):
+        if false := self.false_captions(samples):
             ids, mask = self.collate.tokenizer([t for _, t in false], max_length=self.collate.max_length)
             batch["false_rows"] = torch.tensor([i for i, _ in false])
             batch["false_ids"], batch["false_mask"] = ids, mask
@@ -346,7 +346,7 @@ class DenseCollate:
 
     def false_captions(self, samples: list[Sample]) -> list[tuple[int, str]]:
         """(row, text) of each sample's caption made false of its image, where a word can be swapped so; the same
-        samples give the same texts (drawn from each sample's seed). None without `objects`."""
+        samples give the same texts (drawn from each sample's seed). Empty without `objects`."""
         if self.objects is None:
             return []
         out = [(i, swap_word(s.caption, self.objects[s.image_key], random.Random(f"{s.seed}:false")))
